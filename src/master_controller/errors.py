@@ -1,0 +1,122 @@
+"""The one error tree of master-controller.
+
+Every error the package raises on purpose is a subclass of :class:`MCError`. Third-party and
+OS errors are translated at the boundary (``raise X(...) from exc``) so callers only ever
+catch these. A refusal a person sees carries a ``reason`` and an HTTP ``status``.
+
+::
+
+    MCError
+     ├── ConfigError                 bad settings or recipe
+     ├── CommandError                an external command failed (argv, exit code, tail of output)
+     ├── ImageError
+     │    ├── BuildError             a build step failed; nothing was added to the store
+     │    ├── ImageNotFound
+     │    ├── VerificationFailed     a check failed; names what is missing
+     │    └── PromotionRefused       the image did not pass verification
+     ├── RuntimeUnavailable          this host cannot run the requested runtime (and why)
+     ├── GuestError
+     │    ├── GuestNotFound
+     │    ├── GuestStartFailed       a start step failed; its resources were released
+     │    └── GuestStateError        the operation does not fit the guest's state
+     ├── NetworkError
+     │    └── AddressPoolExhausted
+     └── ProbeError                  a readiness check from outside the guest failed
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class MCError(Exception):
+    """Base of every error master-controller raises on purpose."""
+
+    status: int = 500
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ConfigError(MCError):
+    """Settings or a recipe are invalid."""
+
+    status = 400
+
+
+class CommandError(MCError):
+    """An external command exited non-zero."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, output: str = "") -> None:
+        tail = "\n".join(output.strip().splitlines()[-15:])
+        super().__init__(
+            f"{argv[0]} exited with {returncode}" + (f":\n{tail}" if tail else "")
+        )
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.output = output
+
+
+class ImageError(MCError):
+    """Something about a golden image."""
+
+
+class BuildError(ImageError):
+    """A build step failed. Nothing was added to the image store."""
+
+
+class ImageNotFound(ImageError):
+    status = 404
+
+
+class VerificationFailed(ImageError):
+    """A verification check failed; ``reason`` names what is missing."""
+
+    status = 409
+
+
+class PromotionRefused(ImageError):
+    """Promotion was refused because that exact image did not pass verification."""
+
+    status = 409
+
+
+class RuntimeUnavailable(MCError):
+    """This host cannot run the requested runtime; ``reason`` says why."""
+
+    status = 503
+
+
+class GuestError(MCError):
+    """Something about a guest."""
+
+
+class GuestNotFound(GuestError):
+    status = 404
+
+
+class GuestStartFailed(GuestError):
+    """A start step failed. Every resource the start created has been released."""
+
+    def __init__(self, step: str, reason: str) -> None:
+        super().__init__(f"step {step!r} failed: {reason}")
+        self.step = step
+
+
+class GuestStateError(GuestError):
+    """The operation does not fit the guest's current state."""
+
+    status = 409
+
+
+class NetworkError(MCError):
+    """Creating or removing a guest's network failed."""
+
+
+class AddressPoolExhausted(NetworkError):
+    status = 503
+
+
+class ProbeError(MCError):
+    """A readiness check made from outside the guest failed."""

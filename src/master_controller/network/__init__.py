@@ -1,0 +1,1 @@
+"""Guest networking: persisted address leases and per-guest network namespaces."""

@@ -1,0 +1,189 @@
+"""The one interface every guest runtime implements (container, qemu, firecracker).
+
+Modelled on JupyterHub's Spawner: the controller asks a runtime to ``create`` a guest from
+an image, ``start`` it, asks for its ``status`` and ``endpoint``, and ``stop``s,
+``hibernate``s, ``resume``s or ``destroy``s it. A guest's whole state is a
+:class:`GuestState`, saved as JSON in the guest's folder after every change, so a restarted
+controller can :meth:`Runtime.load` it and carry on (or clean up) from recorded ids alone.
+
+Contract for implementations:
+
+- ``create`` allocates what the guest needs (folder, address lease, per-guest config) and
+  ``start`` brings up its host resources (network, disk layer, VMM process). Each is a
+  sequence of named steps; if one fails, everything the call created is released before
+  :class:`~master_controller.errors.GuestStartFailed` is raised.
+- ``destroy`` releases everything, whatever state the guest is in, and may be called again.
+- Nothing is found by name patterns: only by the ids recorded in the state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, Field
+
+from master_controller.errors import GuestNotFound
+from master_controller.settings import Settings
+from master_controller.steps import StepLog
+
+WEBSOCKIFY_PORT = 6080
+AGENT_PORT = 8080
+
+
+class GuestStatus(StrEnum):
+    CREATED = "created"  # resources allocated, never started
+    RUNNING = "running"
+    STOPPED = "stopped"
+    HIBERNATED = "hibernated"
+    DEAD = "dead"  # its process went away without being asked to
+    DESTROYED = "destroyed"
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Whether this host can run a runtime, and why (not)."""
+
+    usable: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the controller reaches a guest's services."""
+
+    address: str
+    websockify_port: int = WEBSOCKIFY_PORT
+    agent_port: int = AGENT_PORT
+
+    @property
+    def websocket_url(self) -> str:
+        return f"ws://{self.address}:{self.websockify_port}/"
+
+    @property
+    def agent_url(self) -> str:
+        return f"http://{self.address}:{self.agent_port}"
+
+
+class GuestSecrets(BaseModel):
+    """Per-guest secrets handed to the guest through its configuration."""
+
+    vnc_password: str
+    agent_token: str
+
+
+class GuestState(BaseModel):
+    """Everything recorded about a guest. Runtime-specific ids go in ``resources``."""
+
+    guest_id: str
+    runtime: str
+    image_id: str
+    status: GuestStatus = GuestStatus.CREATED
+    address: str | None = None
+    secrets: GuestSecrets
+    resources: dict[str, Any] = Field(default_factory=dict)
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+    reason: str = ""
+
+
+class Runtime(ABC):
+    """Base class of guest runtimes. Subclasses live in their own modules."""
+
+    name: ClassVar[str]
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    # --- capability ---------------------------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def probe(cls, settings: Settings) -> ProbeResult:
+        """Whether this host can run guests with this runtime, and the reason if not."""
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    @abstractmethod
+    async def create(
+        self, guest_id: str, image_id: str, secrets: GuestSecrets, steps: StepLog | None = None
+    ) -> GuestState:
+        """Allocate the guest's folder, address and configuration. Nothing runs yet."""
+
+    @abstractmethod
+    async def start(self, guest: GuestState, steps: StepLog | None = None) -> None:
+        """Bring up the guest's host resources and boot it. Returns once it is booting;
+        readiness of the services inside is for the caller to check."""
+
+    @abstractmethod
+    async def stop(self, guest: GuestState) -> None:
+        """Shut the guest down (orderly, then forced); keep its disk and address."""
+
+    @abstractmethod
+    async def destroy(self, guest: GuestState) -> None:
+        """Release everything the guest holds. Idempotent."""
+
+    @abstractmethod
+    async def hibernate(self, guest: GuestState) -> None:
+        """Save the guest so it can be resumed, and free its CPU and memory."""
+
+    @abstractmethod
+    async def resume(self, guest: GuestState, steps: StepLog | None = None) -> None:
+        """Start a hibernated guest again."""
+
+    @abstractmethod
+    def status(self, guest: GuestState) -> GuestStatus:
+        """The guest's status as the host sees it now (a running guest may be found dead)."""
+
+    def endpoint(self, guest: GuestState) -> Endpoint:
+        if guest.address is None:
+            raise GuestNotFound(f"guest {guest.guest_id} has no address")
+        return Endpoint(address=guest.address)
+
+    def diagnostics(self, guest: GuestState) -> str:
+        """The tail of the guest's console/VMM log, for error messages."""
+        log = self.guest_dir(guest.guest_id) / "console.log"
+        try:
+            lines = log.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-20:])
+
+    # --- state --------------------------------------------------------------------------
+
+    def guest_dir(self, guest_id: str) -> Path:
+        return self.settings.guests_dir / guest_id
+
+    def save(self, guest: GuestState) -> None:
+        folder = self.guest_dir(guest.guest_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "state.json.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(guest.model_dump_json(indent=2))
+        tmp.replace(folder / "state.json")
+
+    def load(self, guest_id: str) -> GuestState:
+        path = self.guest_dir(guest_id) / "state.json"
+        try:
+            return GuestState.model_validate(json.loads(path.read_text()))
+        except FileNotFoundError as exc:
+            raise GuestNotFound(f"no guest {guest_id}") from exc
+
+    def guests(self) -> list[GuestState]:
+        """Every guest of this runtime recorded in the data directory."""
+        found = []
+        if self.settings.guests_dir.is_dir():
+            for folder in sorted(self.settings.guests_dir.iterdir()):
+                try:
+                    state = self.load(folder.name)
+                except (GuestNotFound, ValueError):
+                    continue
+                if state.runtime == self.name:
+                    found.append(state)
+        return found

@@ -1,0 +1,273 @@
+"""The container runtime: ``systemd-nspawn --boot`` of the image's rootfs.
+
+Per guest: an overlayfs (the image's rootfs as read-only lower layer, an upper layer in the
+guest's folder), a network namespace with a veth pair (:mod:`master_controller.network`),
+and the per-guest configuration bind-mounted read-only at ``/mnt/mc-config``.
+
+Hibernating a container keeps its disk layer and address, not its memory: resume boots it
+again from the same disk layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import signal
+from contextlib import AsyncExitStack, ExitStack
+from pathlib import Path
+
+from master_controller.errors import (
+    CommandError,
+    GuestStartFailed,
+    GuestStateError,
+    MCError,
+    NetworkError,
+)
+from master_controller.images.store import ImageStore
+from master_controller.network import netns
+from master_controller.network.ipam import AddressAllocator
+from master_controller.network.netns import GuestLink
+from master_controller.process import ProcessRef, spawn
+from master_controller.proc import run
+from master_controller.runtimes.base import (
+    GuestSecrets,
+    GuestState,
+    GuestStatus,
+    ProbeResult,
+    Runtime,
+)
+from master_controller.settings import Settings
+from master_controller.steps import StepLog
+from mc_agent.config import CONFIG_NAME, MOUNT_POINT, GuestConfig
+
+
+class ContainerRuntime(Runtime):
+    name = "container"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.images = ImageStore(settings.images_dir)
+        self.addresses = AddressAllocator(
+            settings.guest_network, settings.data_dir / "network" / "leases.json"
+        )
+
+    @classmethod
+    def probe(cls, settings: Settings) -> ProbeResult:
+        missing = [t for t in ("systemd-nspawn", "mount", "umount") if shutil.which(t) is None]
+        if missing:
+            return ProbeResult(False, f"not installed: {', '.join(missing)} (systemd-container)")
+        if "overlay" not in Path("/proc/filesystems").read_text():
+            return ProbeResult(False, "the kernel has no overlayfs")
+        if not Path("/proc/self/ns/net").exists():
+            return ProbeResult(False, "the kernel has no network namespaces")
+        return ProbeResult(True, "systemd-nspawn, overlayfs and network namespaces are available")
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def create(
+        self, guest_id: str, image_id: str, secrets: GuestSecrets, steps: StepLog | None = None
+    ) -> GuestState:
+        steps = steps or StepLog()
+        image = self.images.get(image_id)
+        folder = self.guest_dir(guest_id)
+        if folder.exists():
+            raise GuestStateError(f"guest {guest_id} exists already")
+        with ExitStack() as undo:
+            with steps.step("allocate"):
+                folder.mkdir(parents=True)
+                undo.callback(shutil.rmtree, folder, True)
+                lease = self.addresses.allocate(guest_id)
+                undo.callback(self.addresses.release, guest_id)
+                for sub in ("upper", "work", "rootfs", "config"):
+                    (folder / sub).mkdir()
+                config = GuestConfig(
+                    guest_id=guest_id,
+                    vnc_password=secrets.vnc_password,
+                    agent_token=secrets.agent_token,
+                )
+                (folder / "config" / CONFIG_NAME).write_text(config.to_json())
+                (folder / "config" / CONFIG_NAME).chmod(0o600)
+            link = GuestLink.for_guest(guest_id)
+            guest = GuestState(
+                guest_id=guest_id,
+                runtime=self.name,
+                image_id=image.id,
+                address=lease.guest_address,
+                secrets=secrets,
+                resources={
+                    "lease": lease.index,
+                    "namespace": link.namespace,
+                    "host_ifname": link.host_ifname,
+                    "lower": str(image.rootfs),
+                },
+            )
+            self.save(guest)
+            undo.pop_all()
+        return guest
+
+    async def start(self, guest: GuestState, steps: StepLog | None = None) -> None:
+        if guest.status not in (GuestStatus.CREATED, GuestStatus.STOPPED, GuestStatus.DEAD):
+            raise GuestStateError(f"guest {guest.guest_id} is {guest.status}, cannot start")
+        steps = steps or StepLog()
+        folder = self.guest_dir(guest.guest_id)
+        link = self._link(guest)
+        lease = self.addresses.allocate(guest.guest_id)
+        step = "network"
+        try:
+            async with AsyncExitStack() as undo:
+                with steps.step(step):
+                    if await netns.aexists(link):  # left by a guest that died: recorded ids
+                        await netns.aremove(link)
+                    await netns.acreate(link, lease)
+                    undo.push_async_callback(netns.aremove, link)
+                step = "disk layer"
+                with steps.step(step):
+                    self._mount_overlay(guest, folder)
+                    undo.callback(self._unmount_overlay, folder)
+                step = "boot"
+                with steps.step(step):
+                    (folder / "console.log").unlink(missing_ok=True)
+                    process = spawn(self._nspawn_argv(guest, folder, link), folder / "console.log")
+                    undo.callback(self._kill, process)
+                    leader = await self._wait_for_leader(process)
+                    guest.resources["process"] = process.model_dump()
+                    guest.resources["leader"] = leader.model_dump()
+                guest.status = GuestStatus.RUNNING
+                guest.reason = ""
+                self.save(guest)
+                undo.pop_all()
+        except (MCError, OSError) as exc:
+            reason = exc.reason if isinstance(exc, MCError) else str(exc)
+            guest.status = GuestStatus.STOPPED
+            guest.reason = reason
+            guest.resources.pop("process", None)
+            guest.resources.pop("leader", None)
+            self.save(guest)
+            raise GuestStartFailed(step, reason) from exc
+
+    async def stop(self, guest: GuestState) -> None:
+        await self._shutdown(guest)
+        guest.status = GuestStatus.STOPPED
+        self.save(guest)
+
+    async def hibernate(self, guest: GuestState) -> None:
+        if guest.status != GuestStatus.RUNNING:
+            raise GuestStateError(f"guest {guest.guest_id} is {guest.status}, not running")
+        await self._shutdown(guest)
+        guest.status = GuestStatus.HIBERNATED
+        self.save(guest)
+
+    async def resume(self, guest: GuestState, steps: StepLog | None = None) -> None:
+        if guest.status != GuestStatus.HIBERNATED:
+            raise GuestStateError(f"guest {guest.guest_id} is {guest.status}, not hibernated")
+        guest.status = GuestStatus.STOPPED
+        await self.start(guest, steps)
+
+    async def destroy(self, guest: GuestState) -> None:
+        await self._shutdown(guest)
+        self.addresses.release(guest.guest_id)
+        shutil.rmtree(self.guest_dir(guest.guest_id), ignore_errors=True)
+        guest.status = GuestStatus.DESTROYED
+
+    def status(self, guest: GuestState) -> GuestStatus:
+        if guest.status == GuestStatus.RUNNING:
+            process = self._process(guest)
+            if process is None or not process.alive():
+                return GuestStatus.DEAD
+        return guest.status
+
+    # --- pieces -------------------------------------------------------------------------
+
+    def _link(self, guest: GuestState) -> GuestLink:
+        return GuestLink(
+            namespace=guest.resources["namespace"], host_ifname=guest.resources["host_ifname"]
+        )
+
+    def _process(self, guest: GuestState, key: str = "process") -> ProcessRef | None:
+        data = guest.resources.get(key)
+        return ProcessRef.model_validate(data) if data else None
+
+    def _nspawn_argv(self, guest: GuestState, folder: Path, link: GuestLink) -> list[str]:
+        return [
+            "systemd-nspawn",
+            "--boot",
+            f"--directory={folder / 'rootfs'}",
+            f"--machine=mc-{guest.guest_id[:12]}",
+            "--register=no",
+            "--keep-unit",
+            f"--network-namespace-path={link.namespace_path}",
+            f"--bind-ro={folder / 'config'}:{MOUNT_POINT}",
+            "--console=pipe",
+            "--link-journal=no",
+            "--resolv-conf=off",
+            "--timezone=off",
+        ]
+
+    def _mount_overlay(self, guest: GuestState, folder: Path) -> None:
+        lower = Path(guest.resources["lower"])
+        for path in (lower, folder):
+            if any(c in str(path) for c in ",:\\"):
+                raise GuestStartFailed("disk layer", f"path {path} cannot be used by overlayfs")
+        options = (
+            f"lowerdir={lower},upperdir={folder / 'upper'},workdir={folder / 'work'}"
+        )
+        try:
+            run(["mount", "-t", "overlay", "overlay", "-o", options, folder / "rootfs"])
+        except CommandError as exc:
+            raise GuestStartFailed("disk layer", exc.reason) from exc
+
+    def _unmount_overlay(self, folder: Path) -> None:
+        target = folder / "rootfs"
+        if _is_mountpoint(target):
+            run(["umount", target])
+
+    async def _wait_for_leader(self, process: ProcessRef) -> ProcessRef:
+        """nspawn's child is the container's PID 1; record it to be able to kill it."""
+        for _ in range(200):
+            children = process.children()
+            if children:
+                return children[0]
+            if not process.alive():
+                break
+            await asyncio.sleep(0.02)
+        raise GuestStartFailed("boot", "systemd-nspawn exited before the container started")
+
+    def _kill(self, process: ProcessRef) -> None:
+        for child in process.children():
+            child.signal(signal.SIGKILL)
+        process.signal(signal.SIGKILL)
+
+    async def _shutdown(self, guest: GuestState) -> None:
+        """Orderly poweroff (nspawn turns SIGTERM into one), forced after the stop timeout;
+        then unmount the disk layer and remove the network. Every part may already be gone."""
+        process = self._process(guest)
+        leader = self._process(guest, "leader")
+        if process is not None and process.signal(signal.SIGTERM):
+            if not await process.wait(self.settings.stop_timeout):
+                if leader is not None:
+                    leader.signal(signal.SIGKILL)
+                process.signal(signal.SIGKILL)
+                await process.wait(5)
+        if leader is not None and leader.alive():  # nspawn was killed alone: kill its guest
+            leader.signal(signal.SIGKILL)
+            await leader.wait(5)
+        guest.resources.pop("process", None)
+        guest.resources.pop("leader", None)
+        folder = self.guest_dir(guest.guest_id)
+        with contextlib.suppress(CommandError):
+            self._unmount_overlay(folder)
+        if _is_mountpoint(folder / "rootfs"):
+            run(["umount", "--lazy", folder / "rootfs"])
+        try:
+            await netns.aremove(self._link(guest))
+        except NetworkError:
+            await asyncio.sleep(0.2)  # the namespace may be held a moment by exiting processes
+            await netns.aremove(self._link(guest))
+
+
+def _is_mountpoint(path: Path) -> bool:
+    target = str(path)
+    with open("/proc/self/mounts") as fh:
+        return any(line.split()[1] == target for line in fh)
+

@@ -1,0 +1,108 @@
+"""Per-guest configuration: where it comes from and what it turns into at boot.
+
+The controller gives each guest one JSON document, ``guest.json``. Containers get it in a
+folder bind-mounted read-only at ``/mnt/mc-config``; VMs get a small config drive labelled
+``MCCONFIG`` which is mounted there. ``apply`` renders it into ``/run/mc`` for the services:
+the VNC password file (x11vnc), the agent's token, the hostname.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+MOUNT_POINT = Path("/mnt/mc-config")
+CONFIG_NAME = "guest.json"
+DRIVE_LABEL = "MCCONFIG"
+RUN_DIR = Path("/run/mc")
+BROWSER_USER = "browser"
+
+_HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class GuestConfig:
+    guest_id: str
+    vnc_password: str
+    agent_token: str
+    hostname: str = "mc-guest"
+
+    @classmethod
+    def from_json(cls, text: str) -> GuestConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"guest config is not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError("guest config must be a JSON object")
+        missing = [k for k in ("guest_id", "vnc_password", "agent_token") if not data.get(k)]
+        if missing:
+            raise ConfigError(f"guest config lacks {', '.join(missing)}")
+        password = str(data["vnc_password"])
+        # VNC authentication uses at most 8 characters; refuse what would be silently cut.
+        if not 6 <= len(password) <= 8 or not password.isprintable():
+            raise ConfigError("vnc_password must be 6 to 8 printable characters")
+        hostname = str(data.get("hostname", "mc-guest"))
+        if not _HOSTNAME.match(hostname):
+            raise ConfigError(f"invalid hostname {hostname!r}")
+        return cls(
+            guest_id=str(data["guest_id"]),
+            vnc_password=password,
+            agent_token=str(data["agent_token"]),
+            hostname=hostname,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, sort_keys=True)
+
+
+def locate(mount_point: Path = MOUNT_POINT) -> Path:
+    """Find guest.json: a bind-mounted folder (containers) or the config drive (VMs)."""
+    candidate = mount_point / CONFIG_NAME
+    if candidate.is_file():
+        return candidate
+    drive = Path("/dev/disk/by-label") / DRIVE_LABEL
+    if drive.exists():
+        mount_point.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-o", "ro", str(drive), str(mount_point)], check=True)
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"no guest configuration: neither {candidate} nor a drive {DRIVE_LABEL}")
+
+
+def _write_secret(path: Path, text: str, uid: int = 0, gid: int = 0) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chown(tmp, uid, gid)
+    tmp.replace(path)
+
+
+def apply(config: GuestConfig, run_dir: Path = RUN_DIR) -> None:
+    """Render the configuration for the guest's services."""
+    import pwd
+
+    run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    browser = pwd.getpwnam(BROWSER_USER)
+    _write_secret(run_dir / "vncpasswd", config.vnc_password + "\n", browser.pw_uid, browser.pw_gid)
+    _write_secret(run_dir / "agent-token", config.agent_token)
+    (run_dir / "guest-id").write_text(config.guest_id + "\n")
+    try:
+        subprocess.run(["hostname", config.hostname], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        pass  # a container may not be allowed to set its hostname; nothing depends on it
+
+
+def main() -> None:
+    config = GuestConfig.from_json(locate().read_text())
+    apply(config)
+    print(f"mc-config: applied configuration of guest {config.guest_id}")

@@ -1,0 +1,88 @@
+"""What the agent reports about the guest: its services and the windows on the display."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from typing import Any
+
+DISPLAY = ":1"
+
+# unit -> Debian package whose version is reported
+SERVICES: dict[str, str] = {
+    "xvfb.service": "xvfb",
+    "openbox.service": "openbox",
+    "x11vnc.service": "x11vnc",
+    "websockify.service": "websockify",
+    "chromium.service": "chromium",
+}
+
+
+def _run(argv: list[str], timeout: float = 5.0) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout if done.returncode == 0 else ""
+
+
+def service_state(unit: str) -> dict[str, str]:
+    out = _run(["systemctl", "show", "--property=LoadState,ActiveState,SubState", unit])
+    props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    load = props.get("LoadState", "unknown")
+    active = props.get("ActiveState", "unknown")
+    if load == "not-found":
+        summary = f"{unit} not installed"
+    elif active == "active":
+        summary = f"{unit} running"
+    else:
+        summary = f"{unit} {active} ({props.get('SubState', '?')})"
+    return {"load": load, "active": active, "sub": props.get("SubState", ""), "summary": summary}
+
+
+def package_version(package: str) -> str | None:
+    return _run(["dpkg-query", "-W", "-f=${Version}", package]).strip() or None
+
+
+def windows(display: str = DISPLAY) -> list[dict[str, str]]:
+    """Top-level client windows the window manager knows about, with their class and title."""
+    env = {**os.environ, "DISPLAY": display}
+    listing = subprocess.run(
+        ["xprop", "-root", "_NET_CLIENT_LIST"], capture_output=True, text=True, env=env,
+        timeout=5, check=False,
+    ).stdout
+    result = []
+    for wid in re.findall(r"0x[0-9a-f]+", listing):
+        props = subprocess.run(
+            ["xprop", "-id", wid, "WM_CLASS", "_NET_WM_NAME"], capture_output=True, text=True,
+            env=env, timeout=5, check=False,
+        ).stdout
+        wm_class = re.search(r'WM_CLASS\(STRING\) = "([^"]*)", "([^"]*)"', props)
+        title = re.search(r'_NET_WM_NAME\(UTF8_STRING\) = "(.*)"', props)
+        result.append({
+            "id": wid,
+            "class": wm_class.group(2) if wm_class else "",
+            "title": title.group(1) if title else "",
+        })
+    return result
+
+
+def report() -> dict[str, Any]:
+    services = {}
+    for unit, package in SERVICES.items():
+        state = service_state(unit)
+        state["version"] = package_version(package) or ""
+        services[unit.removesuffix(".service")] = state
+    try:
+        wins = windows()
+    except (OSError, subprocess.TimeoutExpired):
+        wins = []
+    down = [s["summary"] for s in services.values() if s["active"] != "active"]
+    return {
+        "status": "ok" if not down else "degraded",
+        "problems": down,
+        "services": services,
+        "display": DISPLAY,
+        "windows": wins,
+    }
