@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from pathlib import Path
@@ -15,7 +16,10 @@ from master_controller.errors import MCError
 from master_controller.images.builder import ImageBuilder
 from master_controller.images.recipe import Recipe
 from master_controller.images.store import ImageStore
-from master_controller.settings import get_settings
+from master_controller.images.verify import Verifier
+from master_controller.runtimes import RUNTIMES, get_runtime, probe_all
+from master_controller.runtimes.base import Runtime
+from master_controller.settings import Settings, get_settings
 from master_controller.steps import StepLog
 
 app = typer.Typer(help="master-controller: disposable sign-in browsers", no_args_is_help=True)
@@ -67,6 +71,75 @@ def image_build(
         console.print(f"built image [bold]{result.image_id}[/] in {result.seconds:.1f}s{note}")
 
 
+@image_app.command("verify")
+def image_verify(
+    image: str = typer.Argument("current", help="Image id (or a unique prefix, or 'current')."),
+    vm: bool = typer.Option(False, "--vm", help="Also boot it in the QEMU runtime."),
+    static_only: bool = typer.Option(
+        False, "--static-only", help="Skip the boot checks (the image then cannot be promoted)."
+    ),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Check an image statically and by booting it; writes verify.json next to it."""
+    settings = get_settings()
+    steps = StepLog(display="plain") if as_json else StepLog.for_stream(sys.stderr)
+    try:
+        if vm:
+            get_runtime("qemu", settings)
+        runtime = None if static_only else get_runtime("container", settings)
+        result = asyncio.run(Verifier(settings, runtime, steps).verify(image, boot=not static_only))
+    except MCError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        _print_json(result)
+    elif result["passed"]:
+        console.print(f"[green]image {result['image_id']} passed verification[/]")
+    else:
+        err_console.print(f"[red]image {result['image_id']} FAILED verification:[/]")
+        for failure in result["failures"]:
+            err_console.print(f"  - {failure}")
+    if not result["passed"]:
+        raise typer.Exit(code=1)
+
+
+@image_app.command("promote")
+def image_promote(image: str = typer.Argument(..., help="Image id or unique prefix.")) -> None:
+    """Make IMAGE current; refused unless that exact image passed verification."""
+    try:
+        image_id = ImageStore(get_settings().images_dir).promote(image)
+    except MCError as exc:
+        _fail(exc)
+        return
+    console.print(f"image [bold]{image_id}[/] is now current")
+
+
+@image_app.command("rollback")
+def image_rollback() -> None:
+    """Return to the image promoted before the current one."""
+    try:
+        image_id = ImageStore(get_settings().images_dir).rollback()
+    except MCError as exc:
+        _fail(exc)
+        return
+    console.print(f"rolled back: image [bold]{image_id}[/] is current again")
+
+
+@image_app.command("gc")
+def image_gc(
+    keep: int | None = typer.Option(None, help="Promoted images to keep besides current."),
+) -> None:
+    """Delete images that are not current, not among the last KEEP promoted, not in use."""
+    settings = get_settings()
+    in_use = {g.image_id for rt in _all_runtimes(settings) for g in rt.guests()}
+    try:
+        removed = ImageStore(settings.images_dir).gc(keep or settings.images_keep, in_use)
+    except MCError as exc:
+        _fail(exc)
+        return
+    console.print(f"removed {len(removed)} image(s)" + (f": {', '.join(removed)}" if removed else ""))
+
+
 @image_app.command("list")
 def image_list(as_json: bool = typer.Option(False, "--json")) -> None:
     """Images in the store, with verification status and which is current."""
@@ -97,6 +170,36 @@ def image_list(as_json: bool = typer.Option(False, "--json")) -> None:
             "*" if row["current"] else "",
         )
     console.print(table)
+
+
+@app.command("doctor")
+def doctor(as_json: bool = typer.Option(False, "--json")) -> None:
+    """What this host can run, which runtime is chosen and why, and the image store."""
+    settings = get_settings()
+    probes = probe_all(settings)
+    chosen = next((name for name, r in probes.items() if r.usable), None)
+    store = ImageStore(settings.images_dir)
+    report = {
+        "dataDir": str(settings.data_dir),
+        "runtimes": {n: {"usable": r.usable, "reason": r.reason} for n, r in probes.items()},
+        "chosenRuntime": chosen,
+        "currentImage": store.current(),
+        "images": len(store.ids()),
+    }
+    if as_json:
+        _print_json(report)
+        return
+    table = Table("runtime", "usable", "why")
+    for name, result in probes.items():
+        mark = "[green]yes[/]" if result.usable else "[red]no[/]"
+        table.add_row(name + (" (chosen)" if name == chosen else ""), mark, result.reason)
+    console.print(table)
+    console.print(f"data dir: {settings.data_dir}")
+    console.print(f"current image: {report['currentImage'] or 'none (run `image build`)'}")
+
+
+def _all_runtimes(settings: Settings) -> list[Runtime]:
+    return [cls(settings) for cls in RUNTIMES.values()]
 
 
 def main() -> None:

@@ -1,0 +1,297 @@
+"""Verifying an image before it may be promoted: static checks, then boot checks.
+
+Static checks read the image: its manifest against its recipe and the browser contract
+(:mod:`.contract`), the unit files with their ExecStart and ordering, localhost resolution,
+kernel, initrd and agent digests. Boot checks boot it in a runtime and look from outside the
+guest: WebSocket 101 with the right accept value, RFB 3.8 with the guest's password, a
+frame that is not blank, a Chromium window on :1, the agent's health. Results, each with its
+duration, go to ``verify.json`` next to the image; a failure names what is missing.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from master_controller.digests import file_digest, json_digest
+from master_controller.errors import CommandError, MCError, ProbeError, VerificationFailed
+from master_controller.images.contract import BROWSER_UNITS, REQUIRED_PACKAGES, UnitContract
+from master_controller.images.recipe import Recipe
+from master_controller.images.store import ImageInfo, ImageStore
+from master_controller.images.units import exec_start, is_enabled, parse_unit, unit_path
+from master_controller.proc import run
+from master_controller.readiness import (
+    agent_health,
+    non_blank_frame,
+    poll,
+    rfb_over_websocket,
+    websocket_upgrade,
+)
+from master_controller.runtimes.base import GuestSecrets, GuestState, GuestStatus, Runtime
+from master_controller.settings import Settings
+from master_controller.steps import StepLog, StepRecord
+
+SCREENSHOT = "screenshot.png"
+
+
+class Verifier:
+    def __init__(
+        self, settings: Settings, runtime: Runtime | None, steps: StepLog | None = None
+    ) -> None:
+        self.settings = settings
+        self.store = ImageStore(settings.images_dir)
+        self.runtime = runtime
+        self.steps = steps or StepLog()
+
+    async def verify(self, ref: str, boot: bool = True) -> dict[str, Any]:
+        """Run the checks, write ``verify.json`` and return it. Raises nothing for a failed
+        check: ``passed`` says the outcome and ``failures`` name what is wrong."""
+        info = self.store.get(ref)
+        started = time.monotonic()
+        self.steps.records.clear()
+        self._static(info)
+        timings: dict[str, float] = {}
+        if boot:
+            if self.runtime is None:
+                raise VerificationFailed("boot checks need a runtime")
+            await self._boot(info, timings)
+        records = self.steps.records
+        failures = [f"{r.name}: {r.detail}" for r in records if not r.ok]
+        result = {
+            "image_id": info.id,
+            "manifest_sha256": file_digest(info.path / "manifest.json"),
+            "passed": not failures,
+            "boot_checked": boot,
+            "runtime": self.runtime.name if boot and self.runtime else None,
+            "verified_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "seconds": round(time.monotonic() - started, 2),
+            "checks": [r.as_dict() for r in records],
+            "failures": failures,
+            "timings": {k: round(v, 2) for k, v in timings.items()},
+        }
+        self.store.record_verification(info.id, result)
+        return result
+
+    def _check(self, name: str, fn: Callable[[StepRecord], None]) -> bool:
+        try:
+            with self.steps.step(name) as record:
+                fn(record)
+        except Exception:  # noqa: BLE001 - every failure is a failed check, recorded with its reason
+            return False
+        return True
+
+    async def _acheck(self, name: str, fn: Callable[[StepRecord], Awaitable[None]]) -> bool:
+        try:
+            with self.steps.step(name) as record:
+                await fn(record)
+        except Exception:  # noqa: BLE001 - every failure is a failed check, recorded with its reason
+            return False
+        return True
+
+    # --- static ---------------------------------------------------------------------------
+
+    def _static(self, info: ImageInfo) -> None:
+        manifest = info.manifest
+        rootfs = info.rootfs
+
+        def manifest_check(record: StepRecord) -> None:
+            if manifest.get("id") != info.id:
+                raise VerificationFailed(f"manifest id {manifest.get('id')} is not {info.id}")
+            if not rootfs.is_dir():
+                raise VerificationFailed("rootfs/ is missing")
+
+        def packages_check(record: StepRecord) -> None:
+            installed = manifest.get("packages", {})
+            wanted = set(REQUIRED_PACKAGES)
+            recipe_path = Path(manifest.get("recipe", {}).get("path", ""))
+            if recipe_path.is_file():
+                wanted |= set(Recipe.load(recipe_path).packages)
+            missing = sorted(p for p in wanted if p not in installed)
+            if missing:
+                raise VerificationFailed(f"packages not installed: {', '.join(missing)}")
+            record.detail = f"{len(installed)} packages"
+
+        def boot_files_check(record: StepRecord) -> None:
+            for key in ("kernel", "initrd"):
+                entry = manifest.get(key, {})
+                path = info.path / str(entry.get("file", ""))
+                if not path.is_file() or file_digest(path) != entry.get("sha256"):
+                    raise VerificationFailed(f"{key} {path.name} is missing or altered")
+            if not info.disk.is_file():
+                raise VerificationFailed("disk.ext4 is missing")
+
+        def agent_check(record: StepRecord) -> None:
+            agent = manifest.get("agent", {})
+            base = rootfs / str(agent.get("path", "/usr/lib/mc/mc_agent")).lstrip("/")
+            found = {}
+            for rel in agent.get("files", {}):
+                path = base / rel
+                if not path.is_file():
+                    raise VerificationFailed(f"agent file {rel} is missing")
+                found[rel] = file_digest(path)
+            if json_digest(found) != agent.get("sha256"):
+                raise VerificationFailed("the agent in the rootfs differs from the manifest")
+
+        def localhost_check(record: StepRecord) -> None:
+            try:
+                out = run(["chroot", rootfs, "getent", "hosts", "localhost"], timeout=10)
+            except CommandError as exc:
+                raise VerificationFailed("localhost does not resolve (no /etc/hosts?)") from exc
+            if "127.0.0.1" not in out and "::1" not in out:
+                raise VerificationFailed(f"localhost resolves to {out.strip()!r}")
+            record.detail = out.split()[0]
+
+        self._check("manifest", manifest_check)
+        self._check("packages", packages_check)
+        for contract in BROWSER_UNITS:
+            self._check(f"unit {contract.name}", lambda r, c=contract: _unit_check(rootfs, c, r))
+        self._check("localhost resolves", localhost_check)
+        self._check("kernel, initrd and disk", boot_files_check)
+        self._check("agent", agent_check)
+
+    # --- boot -----------------------------------------------------------------------------
+
+    async def _boot(self, info: ImageInfo, timings: dict[str, float]) -> None:
+        assert self.runtime is not None
+        runtime = self.runtime
+        guest_id = f"verify-{info.id[:8]}-{secrets.token_hex(3)}"
+        guest_secrets = GuestSecrets(
+            vnc_password=secrets.token_urlsafe(6)[:8], agent_token=secrets.token_urlsafe(24)
+        )
+        guest: GuestState | None = None
+        deadline = time.monotonic() + self.settings.boot_timeout
+
+        async def boot(record: StepRecord) -> None:
+            nonlocal guest
+            guest = await runtime.create(guest_id, info.id, guest_secrets)
+            await runtime.start(guest)
+            record.detail = f"{runtime.name} guest at {guest.address}"
+
+        try:
+            started = time.monotonic()
+            if not await self._acheck(f"boot in {runtime.name}", boot) or guest is None:
+                self._skip_rest("boot failed")
+                return
+            endpoint = runtime.endpoint(guest)
+            give_up = _give_up(runtime, guest, endpoint.agent_url, guest_secrets.agent_token)
+
+            async def ws101(record: StepRecord) -> None:
+                answer = await poll(
+                    lambda: websocket_upgrade(endpoint.address, endpoint.websockify_port),
+                    deadline,
+                    give_up=give_up,
+                )
+                timings["start_to_websocket_101"] = time.monotonic() - started
+                record.detail = f"101, accept {answer['accept']}"
+
+            async def handshake(record: StepRecord) -> None:
+                async def attempt() -> str:
+                    async with rfb_over_websocket(
+                        endpoint.websocket_url, guest_secrets.vnc_password
+                    ) as client:
+                        assert client.info is not None
+                        if 1 in client.info.security_types:
+                            raise VerificationFailed("the VNC server accepts viewers without a password")
+                        return f"{client.info.version.decode()} {client.info.width}x{client.info.height}"
+
+                record.detail = await poll(attempt, deadline, give_up=give_up)
+
+            async def frame(record: StepRecord) -> None:
+                shot = await poll(
+                    lambda: non_blank_frame(endpoint.websocket_url, guest_secrets.vnc_password, deadline),
+                    deadline,
+                    give_up=give_up,
+                )
+                timings["start_to_first_frame"] = time.monotonic() - started
+                colours, dominant = shot.stats()
+                (info.path / SCREENSHOT).write_bytes(shot.png())
+                record.detail = f"{colours} colours, largest {dominant:.0%}; saved {SCREENSHOT}"
+
+            async def chromium_window(record: StepRecord) -> None:
+                async def attempt() -> str:
+                    health = await agent_health(endpoint.agent_url, guest_secrets.agent_token)
+                    titles = [w["title"] for w in health.get("windows", []) if w.get("class") == "Chromium"]
+                    if not titles:
+                        raise ProbeError("no Chromium window on :1")
+                    return titles[0]
+
+                record.detail = await poll(attempt, deadline, give_up=give_up)
+
+            async def healthy(record: StepRecord) -> None:
+                async def attempt() -> str:
+                    health = await agent_health(endpoint.agent_url, guest_secrets.agent_token)
+                    if health.get("status") != "ok":
+                        raise ProbeError("; ".join(health.get("problems", [])) or "degraded")
+                    return ", ".join(f"{k} {v['version']}" for k, v in health["services"].items())
+
+                record.detail = await poll(attempt, deadline, give_up=give_up)
+
+            for name, fn in (
+                ("websocket 101 on 6080", ws101),
+                ("rfb 3.8 handshake with password", handshake),
+                ("non-blank frame", frame),
+                ("chromium window on :1", chromium_window),
+                ("agent health", healthy),
+            ):
+                await self._acheck(name, fn)
+        finally:
+            if guest is not None:
+                with self.steps.step("clean up guest"):
+                    await runtime.destroy(guest)
+
+    def _skip_rest(self, why: str) -> None:
+        for name in ("websocket 101 on 6080", "rfb 3.8 handshake with password",
+                     "non-blank frame", "chromium window on :1", "agent health"):
+            self.steps.records.append(StepRecord(name=name, ok=False, detail=f"skipped: {why}"))
+
+
+def _unit_check(rootfs: Path, contract: UnitContract, record: StepRecord) -> None:
+    path = unit_path(rootfs, contract.name)
+    if path is None:
+        raise VerificationFailed(f"{contract.name} not installed")
+    unit = parse_unit(path.read_text())
+    argv = exec_start(unit)
+    if not argv or argv[0] != contract.executable:
+        raise VerificationFailed(
+            f"{contract.name} runs {argv[0] if argv else 'nothing'}, not {contract.executable}"
+        )
+    if missing := [a for a in contract.required_args if a not in argv]:
+        raise VerificationFailed(f"{contract.name} lacks arguments {' '.join(missing)}")
+    if contract.one_of_args and not set(contract.one_of_args) & set(argv):
+        raise VerificationFailed(f"{contract.name} needs one of {', '.join(contract.one_of_args)}")
+    if bad := [a for a in contract.forbidden_args if a in argv]:
+        raise VerificationFailed(f"{contract.name} must not use {' '.join(bad)}")
+    env = " ".join(unit.get("Service", {}).get("Environment", [])).split()
+    if missing_env := [e for e in contract.environment if e not in env]:
+        raise VerificationFailed(f"{contract.name} does not set {' '.join(missing_env)}")
+    after = " ".join(unit.get("Unit", {}).get("After", [])).split()
+    if unordered := [u for u in contract.after if u not in after]:
+        raise VerificationFailed(f"{contract.name} is not ordered after {' '.join(unordered)}")
+    if not is_enabled(rootfs, contract.name):
+        raise VerificationFailed(f"{contract.name} is not enabled in multi-user.target")
+    record.detail = " ".join(argv[:4]) + (" ..." if len(argv) > 4 else "")
+
+
+def _give_up(
+    runtime: Runtime, guest: GuestState, agent_url: str, token: str
+) -> Callable[[], Awaitable[str | None]]:
+    """Stop polling early when waiting cannot help: the guest died, or the agent reports a
+    required service that is not installed."""
+
+    async def check() -> str | None:
+        if runtime.status(guest) == GuestStatus.DEAD:
+            return "the guest died:\n" + runtime.diagnostics(guest)
+        try:
+            health = await agent_health(agent_url, token, timeout=1.0)
+        except ProbeError:
+            return None
+        missing = [
+            s["summary"] for s in health.get("services", {}).values() if s.get("load") == "not-found"
+        ]
+        return "; ".join(missing) or None
+
+    return check

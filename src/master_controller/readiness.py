@@ -1,0 +1,169 @@
+"""Checks of the real viewer path, made from outside the guest.
+
+A guest is ready when a viewer would see its screen: websockify answers a WebSocket upgrade
+with 101 and the right ``Sec-WebSocket-Accept``, an RFB 3.8 handshake with the guest's
+password succeeds, and the framebuffer is not blank. No sleeps: every check is polled with
+a deadline and a failure says what did not come up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import WebSocketException
+
+from master_controller.errors import ProbeError
+from master_controller.rfb import Frame, RFBClient
+
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+RFC6455_SAMPLE_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+T = TypeVar("T")
+
+
+def websocket_accept(key: str) -> str:
+    """The Sec-WebSocket-Accept a server must answer for ``key`` (RFC 6455, 4.2.2)."""
+    return base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()  # noqa: S324
+
+
+async def websocket_upgrade(
+    host: str, port: int, path: str = "/", timeout: float = 5.0
+) -> dict[str, str]:
+    """Send the RFC 6455 sample handshake; require 101 and the correct accept value."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError) as exc:
+        raise ProbeError(f"nothing accepts connections on {host}:{port} ({exc})") from exc
+    try:
+        request = (
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {RFC6455_SAMPLE_KEY}\r\n"
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: binary\r\n\r\n"
+        )
+        writer.write(request.encode())
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+        raise ProbeError(f"no WebSocket handshake answer from {host}:{port} ({exc!r})") from exc
+    finally:
+        writer.close()
+    lines = head.decode(errors="replace").split("\r\n")
+    status = lines[0]
+    headers = {
+        k.strip().lower(): v.strip()
+        for k, _, v in (line.partition(":") for line in lines[1:] if ":" in line)
+    }
+    if " 101 " not in f"{status} ":
+        raise ProbeError(f"WebSocket upgrade on {host}:{port} answered {status!r}, not 101")
+    expected = websocket_accept(RFC6455_SAMPLE_KEY)
+    if headers.get("sec-websocket-accept") != expected:
+        raise ProbeError(
+            f"wrong Sec-WebSocket-Accept {headers.get('sec-websocket-accept')!r} "
+            f"(expected {expected})"
+        )
+    return {"status": status, "accept": expected, "protocol": headers.get("sec-websocket-protocol", "")}
+
+
+class WebSocketStream:
+    """RFB bytes over WebSocket binary messages (how noVNC talks to websockify)."""
+
+    def __init__(self, ws: ClientConnection, timeout: float) -> None:
+        self.ws = ws
+        self.timeout = timeout
+        self.buffer = bytearray()
+
+    async def read_exactly(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            try:
+                message = await asyncio.wait_for(self.ws.recv(), self.timeout)
+            except TimeoutError as exc:
+                raise ProbeError(f"the VNC server sent nothing for {self.timeout}s") from exc
+            except WebSocketException as exc:
+                raise ProbeError(f"the WebSocket closed: {exc}") from exc
+            self.buffer += message if isinstance(message, bytes) else message.encode()
+        data = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return data
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await self.ws.send(data)
+        except WebSocketException as exc:
+            raise ProbeError(f"the WebSocket closed: {exc}") from exc
+
+
+@asynccontextmanager
+async def rfb_over_websocket(
+    url: str, password: str, timeout: float = 10.0, headers: dict[str, str] | None = None
+) -> AsyncIterator[RFBClient]:
+    """An RFB client, handshake done, over a WebSocket to ``url``."""
+    try:
+        async with connect(
+            url,
+            subprotocols=["binary"],  # type: ignore[list-item]
+            proxy=None,
+            open_timeout=timeout,
+            max_size=None,
+            additional_headers=headers,
+        ) as ws:
+            client = RFBClient(WebSocketStream(ws, timeout))
+            await client.handshake(password)
+            yield client
+    except (OSError, TimeoutError, WebSocketException) as exc:
+        raise ProbeError(f"WebSocket to {url} failed: {exc}") from exc
+
+
+async def non_blank_frame(url: str, password: str, deadline: float) -> Frame:
+    """Fetch frames until one is not blank, or raise when the deadline passes."""
+    async with rfb_over_websocket(url, password) as client:
+        while True:
+            frame = await client.frame()
+            if not frame.is_blank():
+                return frame
+            if time.monotonic() >= deadline:
+                colours, dominant = frame.stats()
+                raise ProbeError(
+                    f"the screen stayed blank ({dominant:.1%} one colour, {colours} colours)"
+                )
+            await asyncio.sleep(0.25)
+
+
+async def agent_health(url: str, token: str, timeout: float = 5.0) -> dict[str, Any]:
+    try:
+        async with httpx.AsyncClient(trust_env=False, timeout=timeout) as client:
+            response = await client.get(
+                f"{url}/health", headers={"Authorization": f"Bearer {token}"}
+            )
+    except httpx.HTTPError as exc:
+        raise ProbeError(f"guest agent unreachable at {url} ({exc!r})") from exc
+    if response.status_code != 200:
+        raise ProbeError(f"guest agent answered {response.status_code}: {response.text[:200]}")
+    return dict(response.json())
+
+
+async def poll(
+    check: Callable[[], Awaitable[T]],
+    deadline: float,
+    interval: float = 0.2,
+    give_up: Callable[[], Awaitable[str | None]] | None = None,
+) -> T:
+    """Run ``check`` until it returns without ProbeError or ``deadline`` (monotonic) passes.
+    ``give_up`` may return a reason to stop early (the guest died, say)."""
+    while True:
+        try:
+            return await check()
+        except ProbeError as exc:
+            reason = await give_up() if give_up is not None else None
+            if reason:
+                raise ProbeError(f"{exc.reason}; {reason}") from exc
+            if time.monotonic() + interval >= deadline:
+                raise
+        await asyncio.sleep(interval)

@@ -1,0 +1,172 @@
+"""A small RFB (VNC) client: enough of RFC 6143 to prove a viewer would see the screen.
+
+It performs the version 3.8 handshake with VNC authentication, asks for the whole
+framebuffer in Raw encoding and assembles it. The transport is any byte stream with
+``read_exactly`` and ``write`` (a TCP stream, or a WebSocket through websockify).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Protocol
+
+from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+from cryptography.hazmat.primitives.ciphers import Cipher, modes
+
+from master_controller.errors import ProbeError
+
+VERSION_38 = b"RFB 003.008\n"
+SECURITY_NONE = 1
+SECURITY_VNC = 2
+ENCODING_RAW = 0
+# 32 bits per pixel, depth 24, little-endian, true colour, 8 bits per channel: B, G, R, pad.
+PIXEL_FORMAT = struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
+
+
+class ByteStream(Protocol):
+    async def read_exactly(self, n: int) -> bytes: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+
+def vnc_auth_response(password: str, challenge: bytes) -> bytes:
+    """DES-encrypt the challenge with the password, bits of each key byte reversed (the
+    VNC quirk). Single DES is TripleDES with the same key three times."""
+    key = password.encode("latin-1")[:8].ljust(8, b"\0")
+    key = bytes(int(f"{b:08b}"[::-1], 2) for b in key)
+    encryptor = Cipher(TripleDES(key * 3), modes.ECB()).encryptor()
+    return encryptor.update(challenge) + encryptor.finalize()
+
+
+@dataclass
+class ServerInfo:
+    version: bytes
+    security_types: list[int]
+    width: int
+    height: int
+    name: str
+
+
+@dataclass
+class Frame:
+    width: int
+    height: int
+    pixels: bytearray  # BGRX, 4 bytes per pixel, row-major
+
+    def stats(self, step: int = 7) -> tuple[int, float]:
+        """(distinct colours, share of the most common colour) over a sample of pixels."""
+        view = memoryview(self.pixels)
+        counts: Counter[bytes] = Counter(
+            bytes(view[i : i + 3]) for i in range(0, len(view), 4 * step)
+        )
+        total = sum(counts.values()) or 1
+        return len(counts), counts.most_common(1)[0][1] / total if counts else 1.0
+
+    def is_blank(self) -> bool:
+        """Blank: one colour covers more than 99% of the screen (a black screen, say)."""
+        _, dominant = self.stats()
+        return dominant > 0.99
+
+    def png(self) -> bytes:
+        """The frame as a PNG (for people to look at what verification saw)."""
+        rows = bytearray()
+        stride = self.width * 4
+        for y in range(self.height):
+            rows.append(0)
+            line = self.pixels[y * stride : (y + 1) * stride]
+            rgb = bytearray(self.width * 3)
+            rgb[0::3] = line[2::4]
+            rgb[1::3] = line[1::4]
+            rgb[2::3] = line[0::4]
+            rows += rgb
+
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            body = kind + data
+            return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+        header = struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)
+        return (
+            b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(bytes(rows), 6))
+            + chunk(b"IEND", b"")
+        )
+
+
+class RFBClient:
+    def __init__(self, stream: ByteStream) -> None:
+        self.stream = stream
+        self.info: ServerInfo | None = None
+
+    async def handshake(self, password: str) -> ServerInfo:
+        """Version 3.8, VNC authentication, shared ClientInit; raises ProbeError saying which
+        part failed."""
+        version = await self.stream.read_exactly(12)
+        if not version.startswith(b"RFB "):
+            raise ProbeError(f"not an RFB server: greeting {version!r}")
+        if version < VERSION_38:
+            raise ProbeError(f"server speaks {version.strip().decode()}, 3.8 is required")
+        await self.stream.write(VERSION_38)
+        (count,) = await self.stream.read_exactly(1)
+        if count == 0:
+            raise ProbeError(f"server refused the connection: {await self._reason()}")
+        types = list(await self.stream.read_exactly(count))
+        if SECURITY_VNC not in types:
+            raise ProbeError(f"server offers no VNC authentication (security types {types})")
+        await self.stream.write(bytes([SECURITY_VNC]))
+        challenge = await self.stream.read_exactly(16)
+        await self.stream.write(vnc_auth_response(password, challenge))
+        (result,) = struct.unpack(">I", await self.stream.read_exactly(4))
+        if result != 0:
+            raise ProbeError(f"VNC authentication failed: {await self._reason()}")
+        await self.stream.write(b"\x01")  # shared: other viewers stay connected
+        width, height = struct.unpack(">HH", await self.stream.read_exactly(4))
+        await self.stream.read_exactly(16)  # the server's pixel format; we set ours
+        (name_len,) = struct.unpack(">I", await self.stream.read_exactly(4))
+        name = (await self.stream.read_exactly(name_len)).decode(errors="replace")
+        self.info = ServerInfo(version.strip(), types, width, height, name)
+        await self.stream.write(b"\x00\x00\x00\x00" + PIXEL_FORMAT)
+        await self.stream.write(struct.pack(">BxHi", 2, 1, ENCODING_RAW))
+        return self.info
+
+    async def _reason(self) -> str:
+        (length,) = struct.unpack(">I", await self.stream.read_exactly(4))
+        return (await self.stream.read_exactly(min(length, 4096))).decode(errors="replace")
+
+    async def frame(self) -> Frame:
+        """Request and assemble one complete (non-incremental) framebuffer."""
+        if self.info is None:
+            raise ProbeError("handshake first")
+        w, h = self.info.width, self.info.height
+        await self.stream.write(struct.pack(">BBHHHH", 3, 0, 0, 0, w, h))
+        pixels = bytearray(w * h * 4)
+        while True:
+            (kind,) = await self.stream.read_exactly(1)
+            if kind == 0:
+                break
+            await self._skip_message(kind)
+        (rects,) = struct.unpack(">xH", await self.stream.read_exactly(3))
+        for _ in range(rects):
+            x, y, rw, rh, encoding = struct.unpack(">HHHHi", await self.stream.read_exactly(12))
+            if encoding != ENCODING_RAW:
+                raise ProbeError(f"server sent encoding {encoding}, only Raw was asked for")
+            data = await self.stream.read_exactly(rw * rh * 4)
+            for row in range(rh):
+                start = ((y + row) * w + x) * 4
+                pixels[start : start + rw * 4] = data[row * rw * 4 : (row + 1) * rw * 4]
+        return Frame(w, h, pixels)
+
+    async def _skip_message(self, kind: int) -> None:
+        if kind == 1:  # SetColourMapEntries
+            _, _, n = struct.unpack(">xHH", await self.stream.read_exactly(5))
+            await self.stream.read_exactly(n * 6)
+        elif kind == 2:  # Bell
+            return
+        elif kind == 3:  # ServerCutText
+            (length,) = struct.unpack(">3xI", await self.stream.read_exactly(7))
+            await self.stream.read_exactly(length)
+        else:
+            raise ProbeError(f"unexpected RFB server message type {kind}")

@@ -1,0 +1,44 @@
+"""Guest runtimes, chosen by name. Each lives in its own module (see :mod:`.base`)."""
+
+from __future__ import annotations
+
+from master_controller.errors import ConfigError, RuntimeUnavailable
+from master_controller.runtimes.base import ProbeResult, Runtime
+from master_controller.runtimes.container import ContainerRuntime
+from master_controller.settings import Settings
+
+RUNTIMES: dict[str, type[Runtime]] = {
+    ContainerRuntime.name: ContainerRuntime,
+}
+
+# Best isolation first; the first whose probe passes is the default.
+PREFERENCE = ("firecracker", "qemu", "container")
+PLANNED = {
+    "firecracker": "the Firecracker runtime is not implemented yet",
+    "qemu": "the QEMU runtime is not implemented yet",
+}
+
+
+def probe_all(settings: Settings) -> dict[str, ProbeResult]:
+    results = {}
+    for name in PREFERENCE:
+        cls = RUNTIMES.get(name)
+        results[name] = cls.probe(settings) if cls else ProbeResult(False, PLANNED[name])
+    return results
+
+
+def get_runtime(name: str, settings: Settings) -> Runtime:
+    """The runtime ``name`` if this host can run it; otherwise RuntimeUnavailable says why."""
+    if name not in RUNTIMES and name not in PLANNED:
+        raise ConfigError(f"unknown runtime {name!r}; known: {', '.join(PREFERENCE)}")
+    result = probe_all(settings)[name]
+    if not result.usable:
+        raise RuntimeUnavailable(f"runtime {name} cannot run here: {result.reason}")
+    return RUNTIMES[name](settings)
+
+
+def best_runtime(settings: Settings) -> Runtime:
+    for name, result in probe_all(settings).items():
+        if result.usable:
+            return RUNTIMES[name](settings)
+    raise RuntimeUnavailable("no runtime can run on this host; run `master-controller doctor`")
