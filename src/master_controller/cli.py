@@ -103,6 +103,36 @@ def image_verify(
         raise typer.Exit(code=1)
 
 
+@image_app.command("ensure")
+def image_ensure(
+    recipe: Path | None = typer.Option(None, help="Recipe file (default: the browser image)."),
+) -> None:
+    """Build the recipe's image (cached by input digest), verify it, and promote it if it
+    passed. Leaves the current image alone when the new one fails."""
+    settings = get_settings()
+    steps = StepLog.for_stream(sys.stderr)
+    store = ImageStore(settings.images_dir)
+    try:
+        built = ImageBuilder(settings, steps).build(Recipe.load(recipe or settings.recipe))
+        info = store.get(built.image_id)
+        if not info.verified:
+            runtime = get_runtime("container", settings)
+            result = asyncio.run(Verifier(settings, runtime, steps).verify(built.image_id))
+            if not result["passed"]:
+                err_console.print(f"[red]image {built.image_id} failed verification:[/]")
+                for failure in result["failures"]:
+                    err_console.print(f"  - {failure}")
+                current = store.current()
+                err_console.print(f"current image stays {current or 'unset'}")
+                raise typer.Exit(code=1)
+        if store.current() != built.image_id:
+            store.promote(built.image_id)
+    except MCError as exc:
+        _fail(exc)
+        return
+    console.print(f"current image: [bold]{built.image_id}[/] (built, verified, promoted)")
+
+
 @image_app.command("promote")
 def image_promote(image: str = typer.Argument(..., help="Image id or unique prefix.")) -> None:
     """Make IMAGE current; refused unless that exact image passed verification."""
@@ -137,7 +167,9 @@ def image_gc(
     except MCError as exc:
         _fail(exc)
         return
-    console.print(f"removed {len(removed)} image(s)" + (f": {', '.join(removed)}" if removed else ""))
+    console.print(
+        f"removed {len(removed)} image(s)" + (f": {', '.join(removed)}" if removed else "")
+    )
 
 
 @image_app.command("list")
@@ -145,7 +177,7 @@ def image_list(as_json: bool = typer.Option(False, "--json")) -> None:
     """Images in the store, with verification status and which is current."""
     store = ImageStore(get_settings().images_dir)
     current = store.current()
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "id": info.id,
             "name": info.manifest.get("name"),
@@ -154,7 +186,7 @@ def image_list(as_json: bool = typer.Option(False, "--json")) -> None:
             "verification": info.verification_status,
             "current": info.id == current,
         }
-        for info in store.list()
+        for info in store.images()
     ]
     if as_json:
         _print_json(rows)

@@ -50,9 +50,7 @@ class CommandError(MCError):
 
     def __init__(self, argv: Sequence[str], returncode: int, output: str = "") -> None:
         tail = "\n".join(output.strip().splitlines()[-15:])
-        super().__init__(
-            f"{argv[0]} exited with {returncode}" + (f":\n{tail}" if tail else "")
-        )
+        super().__init__(f"{argv[0]} exited with {returncode}" + (f":\n{tail}" if tail else ""))
         self.argv = list(argv)
         self.returncode = returncode
         self.output = output

@@ -11,7 +11,6 @@ import contextlib
 import os
 import signal
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -84,7 +83,10 @@ def spawn(argv: list[str], log: Path) -> ProcessRef:
     """Start ``argv`` in a session of its own (it survives the controller), output to ``log``."""
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     _children[proc.pid] = proc

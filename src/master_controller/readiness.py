@@ -69,7 +69,11 @@ async def websocket_upgrade(
             f"wrong Sec-WebSocket-Accept {headers.get('sec-websocket-accept')!r} "
             f"(expected {expected})"
         )
-    return {"status": status, "accept": expected, "protocol": headers.get("sec-websocket-protocol", "")}
+    return {
+        "status": status,
+        "accept": expected,
+        "protocol": headers.get("sec-websocket-protocol", ""),
+    }
 
 
 class WebSocketStream:

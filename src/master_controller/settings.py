@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     )
     debian_mirror: str | None = Field(
         None,
-        description="Debian mirror URL for image builds; default: read from the host's apt sources.",
+        description="Debian mirror URL for image builds (default: from the host's apt sources).",
     )
     debian_security_mirror: str | None = Field(
         None,

@@ -8,6 +8,7 @@ the VNC password file (x11vnc), the agent's token, the hostname.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -96,10 +97,9 @@ def apply(config: GuestConfig, run_dir: Path = RUN_DIR) -> None:
     _write_secret(run_dir / "vncpasswd", config.vnc_password + "\n", browser.pw_uid, browser.pw_gid)
     _write_secret(run_dir / "agent-token", config.agent_token)
     (run_dir / "guest-id").write_text(config.guest_id + "\n")
-    try:
+    # a container may not be allowed to set its hostname; nothing depends on it
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
         subprocess.run(["hostname", config.hostname], check=True, capture_output=True)
-    except (OSError, subprocess.CalledProcessError):
-        pass  # a container may not be allowed to set its hostname; nothing depends on it
 
 
 def main() -> None:

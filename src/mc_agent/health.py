@@ -49,22 +49,32 @@ def windows(display: str = DISPLAY) -> list[dict[str, str]]:
     """Top-level client windows the window manager knows about, with their class and title."""
     env = {**os.environ, "DISPLAY": display}
     listing = subprocess.run(
-        ["xprop", "-root", "_NET_CLIENT_LIST"], capture_output=True, text=True, env=env,
-        timeout=5, check=False,
+        ["xprop", "-root", "_NET_CLIENT_LIST"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=5,
+        check=False,
     ).stdout
     result = []
     for wid in re.findall(r"0x[0-9a-f]+", listing):
         props = subprocess.run(
-            ["xprop", "-id", wid, "WM_CLASS", "_NET_WM_NAME"], capture_output=True, text=True,
-            env=env, timeout=5, check=False,
+            ["xprop", "-id", wid, "WM_CLASS", "_NET_WM_NAME"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=5,
+            check=False,
         ).stdout
         wm_class = re.search(r'WM_CLASS\(STRING\) = "([^"]*)", "([^"]*)"', props)
         title = re.search(r'_NET_WM_NAME\(UTF8_STRING\) = "(.*)"', props)
-        result.append({
-            "id": wid,
-            "class": wm_class.group(2) if wm_class else "",
-            "title": title.group(1) if title else "",
-        })
+        result.append(
+            {
+                "id": wid,
+                "class": wm_class.group(2) if wm_class else "",
+                "title": title.group(1) if title else "",
+            }
+        )
     return result
 
 

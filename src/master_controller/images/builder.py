@@ -182,8 +182,16 @@ class ImageBuilder:
                     if not _USER.match(user):
                         raise BuildError(f"invalid user name in recipe: {user!r}")
                     run(
-                        ["chroot", rootfs, "useradd", "--create-home", "--shell", "/bin/bash",
-                         "--user-group", user],
+                        [
+                            "chroot",
+                            rootfs,
+                            "useradd",
+                            "--create-home",
+                            "--shell",
+                            "/bin/bash",
+                            "--user-group",
+                            user,
+                        ],
                         log=base_log,
                     )
             except CommandError as exc:
@@ -250,8 +258,18 @@ class ImageBuilder:
             fh.truncate(size_mib * 2**20)
         try:
             run(
-                ["mkfs.ext4", "-q", "-F", "-L", "mcroot", "-E", "lazy_itable_init=1",
-                 "-d", rootfs, disk],
+                [
+                    "mkfs.ext4",
+                    "-q",
+                    "-F",
+                    "-L",
+                    "mcroot",
+                    "-E",
+                    "lazy_itable_init=1",
+                    "-d",
+                    rootfs,
+                    disk,
+                ],
                 log=log,
                 timeout=1800,
             )
@@ -281,7 +299,8 @@ class ImageBuilder:
                 }
             )
         agent = {
-            p.relative_to(recipe.agent).as_posix(): file_digest(p) for p in agent_files(recipe.agent)
+            p.relative_to(recipe.agent).as_posix(): file_digest(p)
+            for p in agent_files(recipe.agent)
         }
         return {
             "id": image_id,
@@ -313,12 +332,16 @@ class ImageBuilder:
 def installed_packages(rootfs: Path) -> dict[str, str]:
     """Package -> version of everything installed in ``rootfs``."""
     out = run(
-        ["dpkg-query", f"--admindir={rootfs / 'var/lib/dpkg'}", "-W",
-         "-f=${Package}\t${Version}\t${db:Status-Status}\n"]
+        [
+            "dpkg-query",
+            f"--admindir={rootfs / 'var/lib/dpkg'}",
+            "-W",
+            "-f=${Package}\t${Version}\t${db:Status-Status}\n",
+        ]
     )
     packages = {}
     for line in out.splitlines():
-        name, version, status = (line.split("\t") + ["", ""])[:3]
+        name, version, status = [*line.split("\t"), "", ""][:3]
         if status == "installed":
             packages[name] = version
     return packages

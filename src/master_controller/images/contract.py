@@ -9,8 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 REQUIRED_PACKAGES = (
-    "systemd", "dbus", "python3", "xvfb", "openbox", "x11vnc", "websockify", "novnc",
-    "chromium", "x11-utils",
+    "systemd",
+    "dbus",
+    "python3",
+    "xvfb",
+    "openbox",
+    "x11vnc",
+    "websockify",
+    "novnc",
+    "chromium",
+    "x11-utils",
 )
 
 
@@ -31,11 +39,15 @@ BROWSER_UNITS = (
         "mc-config.service", "/usr/bin/python3", required_args=("mc_agent", "apply-config")
     ),
     UnitContract(
-        "xvfb.service", "/usr/bin/Xvfb", required_args=(":1", "1280x800x24"),
+        "xvfb.service",
+        "/usr/bin/Xvfb",
+        required_args=(":1", "1280x800x24"),
         after=("mc-config.service",),
     ),
     UnitContract(
-        "openbox.service", "/usr/bin/openbox", environment=("DISPLAY=:1",),
+        "openbox.service",
+        "/usr/bin/openbox",
+        environment=("DISPLAY=:1",),
         after=("xvfb.service",),
     ),
     UnitContract(
@@ -58,14 +70,19 @@ BROWSER_UNITS = (
         "chromium.service",
         "/usr/bin/chromium",
         required_args=(
-            "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
         ),
         environment=("DISPLAY=:1",),
         after=("openbox.service",),
     ),
     UnitContract(
-        "mc-agent.service", "/usr/bin/python3", required_args=("mc_agent", "serve"),
-        after=("mc-config.service",), ports=(8080,),
+        "mc-agent.service",
+        "/usr/bin/python3",
+        required_args=("mc_agent", "serve"),
+        after=("mc-config.service",),
+        ports=(8080,),
     ),
 )

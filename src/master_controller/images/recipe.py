@@ -113,8 +113,7 @@ class Recipe(BaseModel):
                 for u in self.units
             ],
             "files": [
-                {"dest": f.dest, "mode": f.mode, "sha256": _digest(f.source)}
-                for f in self.files
+                {"dest": f.dest, "mode": f.mode, "sha256": _digest(f.source)} for f in self.files
             ],
             "agent": tree_digest_of_sources(self.agent),
         }

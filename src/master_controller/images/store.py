@@ -136,18 +136,19 @@ class ImageStore:
         )
         return ImageInfo(id=image_id, path=path, manifest=manifest, verification=verification)
 
-    def list(self) -> list[ImageInfo]:
+    def images(self) -> list[ImageInfo]:
         return sorted((self.get(i) for i in self.ids()), key=lambda i: i.created)
 
     def promotions(self) -> list[dict[str, str]]:
         path = self.root / PROMOTIONS
         if not path.is_file():
             return []
-        return list(json.loads(path.read_text()).get("history", []))
+        history: list[dict[str, str]] = json.loads(path.read_text()).get("history", [])
+        return history
 
     def current(self) -> str | None:
         history = self.promotions()
-        return history[-1]["id"] if history else None
+        return str(history[-1]["id"]) if history else None
 
     # --- changing ------------------------------------------------------------------------
 
@@ -172,15 +173,7 @@ class ImageStore:
         with self.locked():
             info = self.get(ref)
             if not info.verified:
-                why = (
-                    "it has not been verified"
-                    if info.verification is None
-                    else "its verification failed: "
-                    + "; ".join(info.verification.get("failures", [])[:5])
-                    if info.verification.get("passed") is not True
-                    else "it was verified without booting (run `image verify` with boot checks)"
-                )
-                raise PromotionRefused(f"image {info.id} cannot be promoted: {why}")
+                raise PromotionRefused(f"image {info.id} cannot be promoted: {_refusal(info)}")
             history = self.promotions()
             if history and history[-1]["id"] == info.id:
                 return info.id
@@ -194,7 +187,7 @@ class ImageStore:
             history = self.promotions()
             if len(history) < 2:
                 raise PromotionRefused("there is no earlier promoted image to roll back to")
-            previous = history[-2]["id"]
+            previous = str(history[-2]["id"])
             if not (self.root / previous / MANIFEST).is_file():
                 raise PromotionRefused(f"the previous image {previous} is no longer in the store")
             write_json_atomic(self.root / PROMOTIONS, {"history": history[:-1]})
@@ -218,6 +211,17 @@ class ImageStore:
                 shutil.rmtree(doomed)
                 removed.append(image_id)
             return removed
+
+
+def _refusal(info: ImageInfo) -> str:
+    v = info.verification
+    if v is None:
+        return "it has not been verified (run `image verify`)"
+    if v.get("image_id") != info.id:
+        return f"its verify.json belongs to another image ({v.get('image_id')})"
+    if v.get("passed") is not True:
+        return "its verification failed: " + "; ".join(v.get("failures", [])[:5])
+    return "it was verified without booting (run `image verify` with boot checks)"
 
 
 def _now() -> str:

@@ -14,11 +14,12 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from master_controller.digests import file_digest, json_digest
-from master_controller.errors import CommandError, MCError, ProbeError, VerificationFailed
+from master_controller.errors import CommandError, ProbeError, VerificationFailed
 from master_controller.images.contract import BROWSER_UNITS, REQUIRED_PACKAGES, UnitContract
 from master_controller.images.recipe import Recipe
 from master_controller.images.store import ImageInfo, ImageStore
@@ -31,11 +32,13 @@ from master_controller.readiness import (
     rfb_over_websocket,
     websocket_upgrade,
 )
+from master_controller.rfb import SECURITY_NONE
 from master_controller.runtimes.base import GuestSecrets, GuestState, GuestStatus, Runtime
 from master_controller.settings import Settings
 from master_controller.steps import StepLog, StepRecord
 
 SCREENSHOT = "screenshot.png"
+T = TypeVar("T")
 
 
 class Verifier:
@@ -80,7 +83,7 @@ class Verifier:
         try:
             with self.steps.step(name) as record:
                 fn(record)
-        except Exception:  # noqa: BLE001 - every failure is a failed check, recorded with its reason
+        except Exception:
             return False
         return True
 
@@ -88,7 +91,7 @@ class Verifier:
         try:
             with self.steps.step(name) as record:
                 await fn(record)
-        except Exception:  # noqa: BLE001 - every failure is a failed check, recorded with its reason
+        except Exception:
             return False
         return True
 
@@ -148,7 +151,7 @@ class Verifier:
         self._check("manifest", manifest_check)
         self._check("packages", packages_check)
         for contract in BROWSER_UNITS:
-            self._check(f"unit {contract.name}", lambda r, c=contract: _unit_check(rootfs, c, r))
+            self._check(f"unit {contract.name}", partial(_unit_check, rootfs, contract))
         self._check("localhost resolves", localhost_check)
         self._check("kernel, initrd and disk", boot_files_check)
         self._check("agent", agent_check)
@@ -158,95 +161,128 @@ class Verifier:
     async def _boot(self, info: ImageInfo, timings: dict[str, float]) -> None:
         assert self.runtime is not None
         runtime = self.runtime
-        guest_id = f"verify-{info.id[:8]}-{secrets.token_hex(3)}"
         guest_secrets = GuestSecrets(
             vnc_password=secrets.token_urlsafe(6)[:8], agent_token=secrets.token_urlsafe(24)
         )
         guest: GuestState | None = None
-        deadline = time.monotonic() + self.settings.boot_timeout
 
         async def boot(record: StepRecord) -> None:
             nonlocal guest
+            guest_id = f"verify-{info.id[:8]}-{secrets.token_hex(3)}"
             guest = await runtime.create(guest_id, info.id, guest_secrets)
             await runtime.start(guest)
             record.detail = f"{runtime.name} guest at {guest.address}"
 
         try:
-            started = time.monotonic()
             if not await self._acheck(f"boot in {runtime.name}", boot) or guest is None:
-                self._skip_rest("boot failed")
+                for name in BOOT_CHECKS:
+                    self.steps.records.append(StepRecord(name, ok=False, detail="skipped: no boot"))
                 return
-            endpoint = runtime.endpoint(guest)
-            give_up = _give_up(runtime, guest, endpoint.agent_url, guest_secrets.agent_token)
-
-            async def ws101(record: StepRecord) -> None:
-                answer = await poll(
-                    lambda: websocket_upgrade(endpoint.address, endpoint.websockify_port),
-                    deadline,
-                    give_up=give_up,
-                )
-                timings["start_to_websocket_101"] = time.monotonic() - started
-                record.detail = f"101, accept {answer['accept']}"
-
-            async def handshake(record: StepRecord) -> None:
-                async def attempt() -> str:
-                    async with rfb_over_websocket(
-                        endpoint.websocket_url, guest_secrets.vnc_password
-                    ) as client:
-                        assert client.info is not None
-                        if 1 in client.info.security_types:
-                            raise VerificationFailed("the VNC server accepts viewers without a password")
-                        return f"{client.info.version.decode()} {client.info.width}x{client.info.height}"
-
-                record.detail = await poll(attempt, deadline, give_up=give_up)
-
-            async def frame(record: StepRecord) -> None:
-                shot = await poll(
-                    lambda: non_blank_frame(endpoint.websocket_url, guest_secrets.vnc_password, deadline),
-                    deadline,
-                    give_up=give_up,
-                )
-                timings["start_to_first_frame"] = time.monotonic() - started
-                colours, dominant = shot.stats()
-                (info.path / SCREENSHOT).write_bytes(shot.png())
-                record.detail = f"{colours} colours, largest {dominant:.0%}; saved {SCREENSHOT}"
-
-            async def chromium_window(record: StepRecord) -> None:
-                async def attempt() -> str:
-                    health = await agent_health(endpoint.agent_url, guest_secrets.agent_token)
-                    titles = [w["title"] for w in health.get("windows", []) if w.get("class") == "Chromium"]
-                    if not titles:
-                        raise ProbeError("no Chromium window on :1")
-                    return titles[0]
-
-                record.detail = await poll(attempt, deadline, give_up=give_up)
-
-            async def healthy(record: StepRecord) -> None:
-                async def attempt() -> str:
-                    health = await agent_health(endpoint.agent_url, guest_secrets.agent_token)
-                    if health.get("status") != "ok":
-                        raise ProbeError("; ".join(health.get("problems", [])) or "degraded")
-                    return ", ".join(f"{k} {v['version']}" for k, v in health["services"].items())
-
-                record.detail = await poll(attempt, deadline, give_up=give_up)
-
-            for name, fn in (
-                ("websocket 101 on 6080", ws101),
-                ("rfb 3.8 handshake with password", handshake),
-                ("non-blank frame", frame),
-                ("chromium window on :1", chromium_window),
-                ("agent health", healthy),
-            ):
-                await self._acheck(name, fn)
+            checks = BootChecks(
+                runtime, guest, self.settings.boot_timeout, info.path / SCREENSHOT, timings
+            )
+            for name in BOOT_CHECKS:
+                await self._acheck(name, getattr(checks, BOOT_CHECKS[name]))
         finally:
             if guest is not None:
                 with self.steps.step("clean up guest"):
                     await runtime.destroy(guest)
 
-    def _skip_rest(self, why: str) -> None:
-        for name in ("websocket 101 on 6080", "rfb 3.8 handshake with password",
-                     "non-blank frame", "chromium window on :1", "agent health"):
-            self.steps.records.append(StepRecord(name=name, ok=False, detail=f"skipped: {why}"))
+
+# check name -> BootChecks method, in the order they run
+BOOT_CHECKS = {
+    "websocket 101 on 6080": "websocket_101",
+    "rfb 3.8 handshake with password": "rfb_handshake",
+    "non-blank frame": "non_blank_frame",
+    "chromium window on :1": "chromium_window",
+    "agent health": "agent_health",
+}
+
+
+class BootChecks:
+    """The checks of a booted guest, made from outside it, sharing one deadline."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        guest: GuestState,
+        timeout: float,
+        screenshot: Path,
+        timings: dict[str, float],
+    ) -> None:
+        self.runtime = runtime
+        self.guest = guest
+        self.endpoint = runtime.endpoint(guest)
+        self.password = guest.secrets.vnc_password
+        self.token = guest.secrets.agent_token
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout
+        self.screenshot = screenshot
+        self.timings = timings
+
+    async def _poll(self, check: Callable[[], Awaitable[T]]) -> T:
+        return await poll(check, self.deadline, give_up=self._give_up)
+
+    async def _give_up(self) -> str | None:
+        """Stop waiting when waiting cannot help: the guest died, or the agent reports a
+        required service that is not installed."""
+        if self.runtime.status(self.guest) == GuestStatus.DEAD:
+            return "the guest died:\n" + self.runtime.diagnostics(self.guest)
+        try:
+            health = await agent_health(self.endpoint.agent_url, self.token, timeout=1.0)
+        except ProbeError:
+            return None
+        services = health.get("services", {}).values()
+        missing = [s["summary"] for s in services if s.get("load") == "not-found"]
+        return "; ".join(missing) or None
+
+    async def websocket_101(self, record: StepRecord) -> None:
+        answer = await self._poll(
+            lambda: websocket_upgrade(self.endpoint.address, self.endpoint.websockify_port)
+        )
+        self.timings["start_to_websocket_101"] = time.monotonic() - self.started
+        record.detail = f"101, accept {answer['accept']}"
+
+    async def rfb_handshake(self, record: StepRecord) -> None:
+        async def attempt() -> str:
+            async with rfb_over_websocket(self.endpoint.websocket_url, self.password) as client:
+                info = client.info
+                assert info is not None
+                if SECURITY_NONE in info.security_types:
+                    raise VerificationFailed("the VNC server lets viewers in without a password")
+                return f"{info.version.decode()} {info.width}x{info.height}"
+
+        record.detail = await self._poll(attempt)
+
+    async def non_blank_frame(self, record: StepRecord) -> None:
+        shot = await self._poll(
+            lambda: non_blank_frame(self.endpoint.websocket_url, self.password, self.deadline)
+        )
+        self.timings["start_to_first_frame"] = time.monotonic() - self.started
+        colours, dominant = shot.stats()
+        self.screenshot.write_bytes(shot.png())
+        record.detail = f"{colours} colours, largest {dominant:.0%}; saved {self.screenshot.name}"
+
+    async def chromium_window(self, record: StepRecord) -> None:
+        async def attempt() -> str:
+            health = await agent_health(self.endpoint.agent_url, self.token)
+            windows = health.get("windows", [])
+            titles = [str(w["title"]) for w in windows if w.get("class") == "Chromium"]
+            if not titles:
+                raise ProbeError("no Chromium window on :1")
+            return titles[0]
+
+        record.detail = await self._poll(attempt)
+
+    async def agent_health(self, record: StepRecord) -> None:
+        async def attempt() -> str:
+            health = await agent_health(self.endpoint.agent_url, self.token)
+            if health.get("status") != "ok":
+                raise ProbeError("; ".join(health.get("problems", [])) or "degraded")
+            services = health.get("services", {})
+            return ", ".join(f"{name} {s['version']}" for name, s in services.items())
+
+        record.detail = await self._poll(attempt)
 
 
 def _unit_check(rootfs: Path, contract: UnitContract, record: StepRecord) -> None:
@@ -274,24 +310,3 @@ def _unit_check(rootfs: Path, contract: UnitContract, record: StepRecord) -> Non
     if not is_enabled(rootfs, contract.name):
         raise VerificationFailed(f"{contract.name} is not enabled in multi-user.target")
     record.detail = " ".join(argv[:4]) + (" ..." if len(argv) > 4 else "")
-
-
-def _give_up(
-    runtime: Runtime, guest: GuestState, agent_url: str, token: str
-) -> Callable[[], Awaitable[str | None]]:
-    """Stop polling early when waiting cannot help: the guest died, or the agent reports a
-    required service that is not installed."""
-
-    async def check() -> str | None:
-        if runtime.status(guest) == GuestStatus.DEAD:
-            return "the guest died:\n" + runtime.diagnostics(guest)
-        try:
-            health = await agent_health(agent_url, token, timeout=1.0)
-        except ProbeError:
-            return None
-        missing = [
-            s["summary"] for s in health.get("services", {}).values() if s.get("load") == "not-found"
-        ]
-        return "; ".join(missing) or None
-
-    return check

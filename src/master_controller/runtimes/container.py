@@ -28,8 +28,8 @@ from master_controller.images.store import ImageStore
 from master_controller.network import netns
 from master_controller.network.ipam import AddressAllocator
 from master_controller.network.netns import GuestLink
-from master_controller.process import ProcessRef, spawn
 from master_controller.proc import run
+from master_controller.process import ProcessRef, spawn
 from master_controller.runtimes.base import (
     GuestSecrets,
     GuestState,
@@ -209,9 +209,7 @@ class ContainerRuntime(Runtime):
         for path in (lower, folder):
             if any(c in str(path) for c in ",:\\"):
                 raise GuestStartFailed("disk layer", f"path {path} cannot be used by overlayfs")
-        options = (
-            f"lowerdir={lower},upperdir={folder / 'upper'},workdir={folder / 'work'}"
-        )
+        options = f"lowerdir={lower},upperdir={folder / 'upper'},workdir={folder / 'work'}"
         try:
             run(["mount", "-t", "overlay", "overlay", "-o", options, folder / "rootfs"])
         except CommandError as exc:
@@ -243,12 +241,16 @@ class ContainerRuntime(Runtime):
         then unmount the disk layer and remove the network. Every part may already be gone."""
         process = self._process(guest)
         leader = self._process(guest, "leader")
-        if process is not None and process.signal(signal.SIGTERM):
-            if not await process.wait(self.settings.stop_timeout):
-                if leader is not None:
-                    leader.signal(signal.SIGKILL)
-                process.signal(signal.SIGKILL)
-                await process.wait(5)
+        terminated = process is not None and process.signal(signal.SIGTERM)
+        if (
+            process is not None
+            and terminated
+            and not await process.wait(self.settings.stop_timeout)
+        ):
+            if leader is not None:
+                leader.signal(signal.SIGKILL)
+            process.signal(signal.SIGKILL)
+            await process.wait(5)
         if leader is not None and leader.alive():  # nspawn was killed alone: kill its guest
             leader.signal(signal.SIGKILL)
             await leader.wait(5)
@@ -270,4 +272,3 @@ def _is_mountpoint(path: Path) -> bool:
     target = str(path)
     with open("/proc/self/mounts") as fh:
         return any(line.split()[1] == target for line in fh)
-
