@@ -165,7 +165,7 @@ class ContainerRuntime(Runtime):
         await self.start(guest, steps)
 
     async def destroy(self, guest: GuestState) -> None:
-        await self._shutdown(guest)
+        await self._shutdown(guest, graceful=False)
         self.addresses.release(guest.guest_id)
         shutil.rmtree(self.guest_dir(guest.guest_id), ignore_errors=True)
         guest.status = GuestStatus.DESTROYED
@@ -236,24 +236,20 @@ class ContainerRuntime(Runtime):
             child.signal(signal.SIGKILL)
         process.signal(signal.SIGKILL)
 
-    async def _shutdown(self, guest: GuestState) -> None:
-        """Orderly poweroff (nspawn turns SIGTERM into one), forced after the stop timeout;
-        then unmount the disk layer and remove the network. Every part may already be gone."""
+    async def _shutdown(self, guest: GuestState, graceful: bool = True) -> None:
+        """Stop the guest, then unmount its disk layer and remove its network; every part
+        may already be gone. Graceful: an orderly poweroff (nspawn turns SIGTERM into one),
+        forced after the stop timeout. Not graceful (destroy: the disk layer is thrown away
+        anyway): kill the container's PID 1 at once, which ends everything inside it."""
         process = self._process(guest)
         leader = self._process(guest, "leader")
-        terminated = process is not None and process.signal(signal.SIGTERM)
-        if (
-            process is not None
-            and terminated
-            and not await process.wait(self.settings.stop_timeout)
-        ):
-            if leader is not None:
-                leader.signal(signal.SIGKILL)
+        if graceful and process is not None and process.signal(signal.SIGTERM):
+            await process.wait(self.settings.stop_timeout)
+        if leader is not None and leader.signal(signal.SIGKILL):
+            await leader.wait(5)
+        if process is not None and not await process.wait(5):
             process.signal(signal.SIGKILL)
             await process.wait(5)
-        if leader is not None and leader.alive():  # nspawn was killed alone: kill its guest
-            leader.signal(signal.SIGKILL)
-            await leader.wait(5)
         guest.resources.pop("process", None)
         guest.resources.pop("leader", None)
         folder = self.guest_dir(guest.guest_id)

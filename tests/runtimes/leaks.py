@@ -1,0 +1,44 @@
+"""A snapshot of what guests can leave on a host, to compare before and after."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from master_controller.network.netns import namespaces
+from master_controller.settings import Settings
+
+
+@dataclass(frozen=True)
+class HostSnapshot:
+    processes: frozenset[str]
+    mounts: frozenset[str]
+    namespaces: frozenset[str]
+    links: frozenset[str]
+    leases: str
+    guest_dirs: frozenset[str]
+
+    @classmethod
+    def take(cls, settings: Settings) -> HostSnapshot:
+        procs = set()
+        for stat in Path("/proc").glob("[0-9]*/comm"):
+            try:
+                name = stat.read_text().strip()
+            except OSError:
+                continue
+            if name in {"systemd-nspawn", "Xvfb", "x11vnc", "chromium", "websockify"}:
+                procs.add(f"{stat.parent.name}:{name}")
+        mounts = {line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()}
+        links = {p.name for p in Path("/sys/class/net").iterdir()}
+        leases_file = settings.data_dir / "network" / "leases.json"
+        guests = settings.guests_dir
+        return cls(
+            processes=frozenset(procs),
+            mounts=frozenset(m for m in mounts if str(settings.data_dir) in m),
+            namespaces=frozenset(namespaces()),
+            links=frozenset(links),
+            leases=leases_file.read_text() if leases_file.exists() else "{}",
+            guest_dirs=frozenset(p.name for p in guests.iterdir())
+            if guests.is_dir()
+            else frozenset(),
+        )

@@ -1,0 +1,156 @@
+"""The container runtime with the real golden image (root, systemd-nspawn)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+
+import pytest
+
+from master_controller.errors import GuestStartFailed, GuestStateError, ProbeError
+from master_controller.readiness import (
+    non_blank_frame,
+    poll,
+    rfb_over_websocket,
+    websocket_upgrade,
+)
+from master_controller.runtimes.base import GuestSecrets, GuestStatus
+from master_controller.runtimes.container import ContainerRuntime
+from tests.runtimes.leaks import HostSnapshot
+
+pytestmark = pytest.mark.integration
+
+
+def _secrets() -> GuestSecrets:
+    return GuestSecrets(
+        vnc_password=secrets.token_urlsafe(6)[:8], agent_token=secrets.token_hex(16)
+    )
+
+
+async def _up(runtime: ContainerRuntime, image: str, name: str):  # type: ignore[no-untyped-def]
+    guest = await runtime.create(f"{name}-{secrets.token_hex(3)}", image, _secrets())
+    await runtime.start(guest)
+    endpoint = runtime.endpoint(guest)
+    await poll(lambda: websocket_upgrade(endpoint.address, 6080), time.monotonic() + 60)
+    return guest
+
+
+async def test_boot_view_and_destroy_leaves_nothing(
+    golden_image: str, container_runtime: ContainerRuntime
+) -> None:
+    runtime = container_runtime
+    before = HostSnapshot.take(runtime.settings)
+    guest = await _up(runtime, golden_image, "view")
+    assert runtime.status(guest) == GuestStatus.RUNNING
+    url = runtime.endpoint(guest).websocket_url
+    frame = await poll(
+        lambda: non_blank_frame(url, guest.secrets.vnc_password, time.monotonic() + 30),
+        time.monotonic() + 60,
+    )
+    assert not frame.is_blank() and (frame.width, frame.height) == (1280, 800)
+    with pytest.raises(ProbeError, match="authentication failed"):
+        async with rfb_over_websocket(url, "wrongpw1"):
+            pass
+    with pytest.raises(GuestStateError):
+        await runtime.start(guest)  # already running
+    await runtime.destroy(guest)
+    await runtime.destroy(guest)  # idempotent
+    assert HostSnapshot.take(runtime.settings) == before
+
+
+async def test_hibernate_keeps_disk_and_address(
+    golden_image: str, container_runtime: ContainerRuntime
+) -> None:
+    runtime = container_runtime
+    guest = await _up(runtime, golden_image, "hib")
+    address = guest.address
+    marker = runtime.guest_dir(guest.guest_id) / "rootfs/home/browser/marker"
+    marker.write_text("kept")
+    await runtime.hibernate(guest)
+    assert runtime.status(guest) == GuestStatus.HIBERNATED
+    assert not marker.exists()  # disk layer unmounted, kept in upper/
+    await runtime.resume(guest)
+    await poll(lambda: websocket_upgrade(address or "", 6080), time.monotonic() + 60)
+    assert guest.address == address and marker.read_text() == "kept"
+    await runtime.destroy(guest)
+
+
+async def test_guests_cannot_reach_each_other(
+    golden_image: str, container_runtime: ContainerRuntime
+) -> None:
+    runtime = container_runtime
+    a, b = await asyncio.gather(
+        _up(runtime, golden_image, "iso-a"), _up(runtime, golden_image, "iso-b")
+    )
+    # from inside A's namespace, B's websockify is unreachable; the host reaches both
+    probe = (
+        "import socket,sys\n"
+        "s=socket.socket(); s.settimeout(2)\n"
+        "sys.exit(s.connect_ex((sys.argv[1], 6080)))\n"
+    )
+    for target, expect_ok in ((b.address, False), (a.address, True)):
+        proc = await asyncio.create_subprocess_exec(
+            "ip",
+            "netns",
+            "exec",
+            a.resources["namespace"],
+            "python3",
+            "-c",
+            probe,
+            target or "",
+        )
+        assert (await proc.wait() == 0) is expect_ok, target
+    await websocket_upgrade(b.address or "", 6080)
+    await asyncio.gather(runtime.destroy(a), runtime.destroy(b))
+
+
+async def test_a_killed_guest_is_seen_dead_and_cleaned_up(
+    golden_image: str, container_runtime: ContainerRuntime
+) -> None:
+    runtime = container_runtime
+    before = HostSnapshot.take(runtime.settings)
+    guest = await _up(runtime, golden_image, "kill")
+    import signal
+
+    from master_controller.process import ProcessRef
+
+    ProcessRef.model_validate(guest.resources["leader"]).signal(signal.SIGKILL)
+    for _ in range(100):
+        if runtime.status(guest) == GuestStatus.DEAD:
+            break
+        await asyncio.sleep(0.05)
+    assert runtime.status(guest) == GuestStatus.DEAD
+    await runtime.destroy(guest)
+    assert HostSnapshot.take(runtime.settings) == before
+
+
+async def test_failed_start_releases_what_it_made(
+    golden_image: str, container_runtime: ContainerRuntime
+) -> None:
+    runtime = container_runtime
+    before = HostSnapshot.take(runtime.settings)
+    guest = await runtime.create(f"fail-{secrets.token_hex(3)}", golden_image, _secrets())
+    guest.resources["lower"] = "/nonexistent/lower"  # the disk layer step will fail
+    with pytest.raises(GuestStartFailed, match="disk layer"):
+        await runtime.start(guest)
+    after_failure = HostSnapshot.take(runtime.settings)
+    assert after_failure.namespaces == before.namespaces and after_failure.links == before.links
+    assert after_failure.mounts == before.mounts
+    await runtime.destroy(guest)
+    assert HostSnapshot.take(runtime.settings) == before
+
+
+async def test_churn_leaves_nothing(golden_image: str, container_runtime: ContainerRuntime) -> None:
+    runtime = container_runtime
+    before = HostSnapshot.take(runtime.settings)
+    for round_ in range(20):
+        guest = await runtime.create(
+            f"churn{round_}-{secrets.token_hex(3)}", golden_image, _secrets()
+        )
+        await runtime.start(guest)
+        if round_ % 2:  # half of them get as far as a working viewer path
+            endpoint = runtime.endpoint(guest)
+            await poll(lambda: websocket_upgrade(endpoint.address, 6080), time.monotonic() + 60)
+        await runtime.destroy(guest)
+    assert HostSnapshot.take(runtime.settings) == before
