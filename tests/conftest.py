@@ -53,7 +53,12 @@ def tmp_settings(tmp_path: Path) -> Settings:
 def integration_settings() -> Settings:
     require_root()
     require_tools("mmdebstrap", "systemd-nspawn", "mkfs.ext4")
-    return Settings(data_dir=TEST_DATA_DIR, guest_network="10.213.128.0/20")
+    settings = Settings(data_dir=TEST_DATA_DIR, guest_network="10.213.128.0/20")
+    # guests an interrupted earlier run left behind: found by their recorded state only
+    runtime = ContainerRuntime(settings)
+    for guest in runtime.guests():
+        asyncio.run(runtime.destroy(guest))
+    return settings
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,7 @@ def test_promote_requires_full_verification(store: ImageStore, tmp_path: Path) -
     _add(store, tmp_path, "cccc3333", {"passed": True, "boot_checked": False})
     with pytest.raises(PromotionRefused, match="not been verified"):
         store.promote("aaaa")
-    with pytest.raises(PromotionRefused, match="x11vnc.service not installed"):
+    with pytest.raises(PromotionRefused, match=r"x11vnc\.service not installed"):
         store.promote("bbbb")
     with pytest.raises(PromotionRefused, match="without booting"):
         store.promote("cccc")

@@ -150,7 +150,7 @@ async def test_churn_leaves_nothing(golden_image: str, container_runtime: Contai
         )
         await runtime.start(guest)
         if round_ % 2:  # half of them get as far as a working viewer path
-            endpoint = runtime.endpoint(guest)
-            await poll(lambda: websocket_upgrade(endpoint.address, 6080), time.monotonic() + 60)
+            address = runtime.endpoint(guest).address
+            await poll(lambda a=address: websocket_upgrade(a, 6080), time.monotonic() + 60)
         await runtime.destroy(guest)
     assert HostSnapshot.take(runtime.settings) == before
