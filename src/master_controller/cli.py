@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from master_controller.errors import MCError
-from master_controller.images.builder import ImageBuilder
+from master_controller.images.builder import ImageBuilder, prune_layers
 from master_controller.images.recipe import Recipe
 from master_controller.images.store import ImageStore
 from master_controller.images.verify import Verifier
@@ -163,13 +163,27 @@ def image_gc(
     settings = get_settings()
     in_use = {g.image_id for rt in _all_runtimes(settings) for g in rt.guests()}
     try:
-        removed = ImageStore(settings.images_dir).gc(keep or settings.images_keep, in_use)
+        removed = ImageStore(settings.images_dir).gc(
+            settings.images_keep if keep is None else keep, in_use
+        )
+        layers = prune_layers(settings)
     except MCError as exc:
         _fail(exc)
         return
-    console.print(
-        f"removed {len(removed)} image(s)" + (f": {', '.join(removed)}" if removed else "")
-    )
+    console.print(f"removed {len(removed)} image(s)" + "".join(f"\n  {i}" for i in removed))
+    if layers:
+        console.print(f"removed {len(layers)} cached base layer(s) no image uses")
+
+
+@image_app.command("show")
+def image_show(image: str = typer.Argument("current")) -> None:
+    """An image's manifest and verification result, as JSON."""
+    try:
+        info = ImageStore(get_settings().images_dir).get(image)
+    except MCError as exc:
+        _fail(exc)
+        return
+    _print_json({"manifest": info.manifest, "verification": info.verification})
 
 
 @image_app.command("list")
@@ -191,13 +205,15 @@ def image_list(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         _print_json(rows)
         return
-    table = Table("id", "name", "created", "size", "verification", "current")
+    table = Table()
+    for column in ("id", "name", "created", "size", "verification", "current"):
+        table.add_column(column, no_wrap=column in ("id", "created"))
     for row in rows:
         table.add_row(
             row["id"],
             str(row["name"]),
-            row["created"],
-            f"{row['sizeBytes'] / 2**30:.2f} GiB",
+            row["created"][:16].replace("T", " "),
+            f"{row['sizeBytes'] / 2**30:.1f}G",
             row["verification"],
             "*" if row["current"] else "",
         )
@@ -236,3 +252,7 @@ def _all_runtimes(settings: Settings) -> list[Runtime]:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -73,3 +73,24 @@ def test_recipe_that_extends_itself(tmp_path: Path) -> None:
     path.write_text('extends = "recipe.toml"\n')
     with pytest.raises(ConfigError, match="extends itself"):
         Recipe.load(path)
+
+
+def test_child_recipe_replaces_one_unit_and_keeps_the_rest(tmp_path: Path, repo_root: Path) -> None:
+    source = repo_root / "images/browser"
+    (tmp_path / "x.service").write_text("[Service]\nExecStart=/bin/true\n")
+    (tmp_path / "hosts").write_text("127.0.0.1 localhost\n")
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(
+        f'extends = "{source / "recipe.toml"}"\n'
+        '[[units]]\nname = "chromium.service"\nsource = "x.service"\n'
+        '[[units]]\nname = "extra.service"\nsource = "x.service"\n'
+        '[[files]]\ndest = "/etc/hosts"\nsource = "hosts"\n'
+    )
+    child = Recipe.load(recipe)
+    parent = Recipe.load(source / "recipe.toml")
+    assert [u.name for u in child.units] == [u.name for u in parent.units] + ["extra.service"]
+    chromium = child.unit("chromium.service")
+    assert chromium is not None and chromium.source == tmp_path / "x.service"
+    hosts = [f for f in child.files if f.dest == "/etc/hosts"]
+    assert len(hosts) == 1 and hosts[0].source == tmp_path / "hosts"
+    assert len(child.files) == len(parent.files)

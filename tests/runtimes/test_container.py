@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Iterator
+from ipaddress import ip_address
+from pathlib import Path
 
 import pytest
 
@@ -76,33 +79,49 @@ async def test_hibernate_keeps_disk_and_address(
     await runtime.destroy(guest)
 
 
-async def test_guests_cannot_reach_each_other(
-    golden_image: str, container_runtime: ContainerRuntime
+@pytest.fixture
+def ip_forwarding_on() -> Iterator[None]:
+    """Hosts that run other containers forward IP; isolation must not depend on it."""
+    path = Path("/proc/sys/net/ipv4/ip_forward")
+    before = path.read_text()
+    path.write_text("1\n")
+    yield
+    path.write_text(before)
+
+
+async def _connects_from(namespace: str, address: str, port: int) -> bool:
+    probe = (
+        "import socket,sys\n"
+        "s=socket.socket(); s.settimeout(2)\n"
+        "sys.exit(s.connect_ex((sys.argv[1], int(sys.argv[2]))))\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", namespace, "python3", "-c", probe, address, str(port)
+    )
+    return await proc.wait() == 0
+
+
+async def test_guests_cannot_reach_each_other_or_the_host(
+    golden_image: str, container_runtime: ContainerRuntime, ip_forwarding_on: None
 ) -> None:
     runtime = container_runtime
     a, b = await asyncio.gather(
         _up(runtime, golden_image, "iso-a"), _up(runtime, golden_image, "iso-b")
     )
-    # from inside A's namespace, B's websockify is unreachable; the host reaches both
-    probe = (
-        "import socket,sys\n"
-        "s=socket.socket(); s.settimeout(2)\n"
-        "sys.exit(s.connect_ex((sys.argv[1], 6080)))\n"
-    )
-    for target, expect_ok in ((b.address, False), (a.address, True)):
-        proc = await asyncio.create_subprocess_exec(
-            "ip",
-            "netns",
-            "exec",
-            a.resources["namespace"],
-            "python3",
-            "-c",
-            probe,
-            target or "",
-        )
-        assert (await proc.wait() == 0) is expect_ok, target
-    await websocket_upgrade(b.address or "", 6080)
-    await asyncio.gather(runtime.destroy(a), runtime.destroy(b))
+    host_service = await asyncio.start_server(lambda r, w: w.close(), "0.0.0.0", 0)
+    host_port = host_service.sockets[0].getsockname()[1]
+    try:
+        ns_a = a.resources["namespace"]
+        assert await _connects_from(ns_a, a.address or "", 6080)  # its own service: yes
+        assert not await _connects_from(ns_a, b.address or "", 6080)  # the other guest: no
+        assert not await _connects_from(ns_a, b.address or "", 8080)
+        host_end = str(ip_address(a.address or "") - 1)
+        assert not await _connects_from(ns_a, host_end, host_port)  # the host's services: no
+        await websocket_upgrade(b.address or "", 6080)  # while the host reaches both
+        await websocket_upgrade(a.address or "", 6080)
+    finally:
+        host_service.close()
+        await asyncio.gather(runtime.destroy(a), runtime.destroy(b))
 
 
 async def test_a_killed_guest_is_seen_dead_and_cleaned_up(

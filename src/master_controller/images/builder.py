@@ -38,7 +38,10 @@ from master_controller.proc import run
 from master_controller.settings import Settings
 from master_controller.steps import StepLog
 
-BUILDER_VERSION = 1
+# Bump when what the builder makes of the same inputs changes: the layer's cache key (base)
+# or the image id (builder) changes with it.
+BASE_LAYER_VERSION = 1
+BUILDER_VERSION = 2
 AGENT_DEST = "/usr/lib/mc/mc_agent"
 _USER = re.compile(r"^[a-z_][a-z0-9_-]{0,30}$")
 
@@ -148,7 +151,7 @@ class ImageBuilder:
     # --- base layer -----------------------------------------------------------------------
 
     def _base_layer(self, recipe: Recipe, log: IO[str], refresh: bool) -> tuple[Path, bool]:
-        key = json_digest({"builder": BUILDER_VERSION, **recipe.base_inputs()})[:24]
+        key = json_digest({"builder": BASE_LAYER_VERSION, **recipe.base_inputs()})[:24]
         layer = self.layers_dir / f"base-{key}"
         if (layer / "layer.json").is_file() and not refresh:
             log.write(f"base layer {key}: cached at {layer}\n")
@@ -307,7 +310,13 @@ class ImageBuilder:
             "name": recipe.name,
             "created": _now(),
             "builder_version": BUILDER_VERSION,
-            "recipe": {"path": str(recipe.path), "digest": recipe.digest()},
+            "recipe": {
+                "name": recipe.name,
+                "path": str(recipe.path),
+                "digest": recipe.digest(),
+                "packages": list(recipe.packages),
+                "units": [u.name for u in recipe.units],
+            },
             "base_layer": {
                 "key": base["key"],
                 "tree_sha256": base["tree"]["sha256"],
@@ -327,6 +336,20 @@ class ImageBuilder:
                 "initrd": (rootfs.parent / "initrd.img").stat().st_size,
             },
         }
+
+
+def prune_layers(settings: Settings) -> list[str]:
+    """Remove cached base layers that no image in the store was built from."""
+    store = ImageStore(settings.images_dir)
+    used = {info.manifest.get("base_layer", {}).get("key") for info in store.images()}
+    layers_dir = settings.cache_dir / "layers"
+    removed = []
+    with store.locked():
+        for layer in sorted(layers_dir.glob("base-*")) if layers_dir.is_dir() else []:
+            if layer.name.removeprefix("base-") not in used:
+                shutil.rmtree(layer)
+                removed.append(layer.name)
+    return removed
 
 
 def installed_packages(rootfs: Path) -> dict[str, str]:

@@ -75,6 +75,8 @@ BROWSER_UNITS = (
             "--disable-component-update",
             "--disable-sync",
         ),
+        # it runs as an unprivileged user, so its sandbox works in containers and VMs alike
+        forbidden_args=("--no-sandbox",),
         environment=("DISPLAY=:1",),
         after=("openbox.service",),
     ),

@@ -141,12 +141,27 @@ def _load_merged(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if parent is None:
         merged = raw
     else:
-        merged = {**_load_merged((base_dir / parent).resolve(), (*seen, path)), **raw}
+        merged = _merge(_load_merged((base_dir / parent).resolve(), (*seen, path)), raw)
     if drop_units:
         known = {u["name"] for u in merged.get("units", [])}
         if missing := drop_units - known:
             raise ConfigError(f"recipe {path}: drop_units names unknown units {sorted(missing)}")
         merged["units"] = [u for u in merged["units"] if u["name"] not in drop_units]
+    return merged
+
+
+# list-valued keys merged entry by entry (a child's entry replaces the parent's of the same
+# key, new entries are appended); other keys are replaced whole.
+_MERGE_KEYS = {"units": "name", "files": "dest"}
+
+
+def _merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    merged = {**parent, **child}
+    for field, key in _MERGE_KEYS.items():
+        if field in parent and field in child:
+            entries = {e[key]: e for e in parent[field]}
+            entries.update({e[key]: e for e in child[field]})
+            merged[field] = list(entries.values())
     return merged
 
 

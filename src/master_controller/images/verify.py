@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 from master_controller.digests import file_digest, json_digest
 from master_controller.errors import CommandError, ProbeError, VerificationFailed
 from master_controller.images.contract import BROWSER_UNITS, REQUIRED_PACKAGES, UnitContract
-from master_controller.images.recipe import Recipe
 from master_controller.images.store import ImageInfo, ImageStore
 from master_controller.images.units import exec_start, is_enabled, parse_unit, unit_path
 from master_controller.proc import run
@@ -61,7 +60,11 @@ class Verifier:
         if boot:
             if self.runtime is None:
                 raise VerificationFailed("boot checks need a runtime")
-            await self._boot(info, timings)
+            # An image that failed static checks cannot be promoted; its boot checks still
+            # run, to show what a guest would do, but are not worth a full boot timeout.
+            static_failed = any(not r.ok for r in self.steps.records)
+            timeout = min(self.settings.boot_timeout, 30.0) if static_failed else None
+            await self._boot(info, timings, timeout or self.settings.boot_timeout)
         records = self.steps.records
         failures = [f"{r.name}: {r.detail}" for r in records if not r.ok]
         result = {
@@ -109,10 +112,7 @@ class Verifier:
 
         def packages_check(record: StepRecord) -> None:
             installed = manifest.get("packages", {})
-            wanted = set(REQUIRED_PACKAGES)
-            recipe_path = Path(manifest.get("recipe", {}).get("path", ""))
-            if recipe_path.is_file():
-                wanted |= set(Recipe.load(recipe_path).packages)
+            wanted = set(REQUIRED_PACKAGES) | set(manifest.get("recipe", {}).get("packages", []))
             missing = sorted(p for p in wanted if p not in installed)
             if missing:
                 raise VerificationFailed(f"packages not installed: {', '.join(missing)}")
@@ -139,6 +139,17 @@ class Verifier:
             if json_digest(found) != agent.get("sha256"):
                 raise VerificationFailed("the agent in the rootfs differs from the manifest")
 
+        def recipe_units_check(record: StepRecord) -> None:
+            for unit in manifest.get("units", []):
+                path = rootfs / "etc/systemd/system" / unit["name"]
+                if not path.is_file():
+                    raise VerificationFailed(f"{unit['name']} not installed")
+                if file_digest(path) != unit["sha256"]:
+                    raise VerificationFailed(f"{unit['name']} differs from the manifest")
+                if unit["enabled"] and not is_enabled(rootfs, unit["name"]):
+                    raise VerificationFailed(f"{unit['name']} is not enabled")
+            record.detail = f"{len(manifest.get('units', []))} units as built"
+
         def localhost_check(record: StepRecord) -> None:
             try:
                 out = run(["chroot", rootfs, "getent", "hosts", "localhost"], timeout=10)
@@ -150,6 +161,7 @@ class Verifier:
 
         self._check("manifest", manifest_check)
         self._check("packages", packages_check)
+        self._check("recipe units", recipe_units_check)
         for contract in BROWSER_UNITS:
             self._check(f"unit {contract.name}", partial(_unit_check, rootfs, contract))
         self._check("localhost resolves", localhost_check)
@@ -158,7 +170,7 @@ class Verifier:
 
     # --- boot -----------------------------------------------------------------------------
 
-    async def _boot(self, info: ImageInfo, timings: dict[str, float]) -> None:
+    async def _boot(self, info: ImageInfo, timings: dict[str, float], timeout: float) -> None:
         assert self.runtime is not None
         runtime = self.runtime
         guest_secrets = GuestSecrets(
@@ -178,9 +190,7 @@ class Verifier:
                 for name in BOOT_CHECKS:
                     self.steps.records.append(StepRecord(name, ok=False, detail="skipped: no boot"))
                 return
-            checks = BootChecks(
-                runtime, guest, self.settings.boot_timeout, info.path / SCREENSHOT, timings
-            )
+            checks = BootChecks(runtime, guest, timeout, info.path / SCREENSHOT, timings)
             for name in BOOT_CHECKS:
                 await self._acheck(name, getattr(checks, BOOT_CHECKS[name]))
         finally:

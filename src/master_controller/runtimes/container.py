@@ -25,7 +25,7 @@ from master_controller.errors import (
     NetworkError,
 )
 from master_controller.images.store import ImageStore
-from master_controller.network import netns
+from master_controller.network import firewall, netns
 from master_controller.network.ipam import AddressAllocator
 from master_controller.network.netns import GuestLink
 from master_controller.proc import run
@@ -54,9 +54,9 @@ class ContainerRuntime(Runtime):
 
     @classmethod
     def probe(cls, settings: Settings) -> ProbeResult:
-        missing = [t for t in ("systemd-nspawn", "mount", "umount") if shutil.which(t) is None]
-        if missing:
-            return ProbeResult(False, f"not installed: {', '.join(missing)} (systemd-container)")
+        tools = ("systemd-nspawn", "mount", "umount", "nft")
+        if missing := [t for t in tools if shutil.which(t) is None]:
+            return ProbeResult(False, f"not installed: {', '.join(missing)} (run scripts/setup.sh)")
         if "overlay" not in Path("/proc/filesystems").read_text():
             return ProbeResult(False, "the kernel has no overlayfs")
         if not Path("/proc/self/ns/net").exists():
@@ -117,6 +117,7 @@ class ContainerRuntime(Runtime):
         try:
             async with AsyncExitStack() as undo:
                 with steps.step(step):
+                    firewall.ensure_isolation()
                     if await netns.aexists(link):  # left by a guest that died: recorded ids
                         await netns.aremove(link)
                     await netns.acreate(link, lease)
