@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from master_controller.auth import create_api_key, revoke_api_key
 from master_controller.errors import MCError
 from master_controller.images.builder import ImageBuilder, prune_layers
 from master_controller.images.recipe import Recipe
@@ -21,10 +25,18 @@ from master_controller.runtimes import RUNTIMES, get_runtime, probe_all
 from master_controller.runtimes.base import Runtime
 from master_controller.settings import Settings, get_settings
 from master_controller.steps import StepLog
+from master_controller.store import repo
+from master_controller.store.database import Database
+
+T = TypeVar("T")
 
 app = typer.Typer(help="master-controller: disposable sign-in browsers", no_args_is_help=True)
 image_app = typer.Typer(help="Build, verify and promote golden images.", no_args_is_help=True)
 app.add_typer(image_app, name="image")
+apikey_app = typer.Typer(help="API keys for API callers.", no_args_is_help=True)
+app.add_typer(apikey_app, name="apikey")
+session_app = typer.Typer(help="Sign-in sessions.", no_args_is_help=True)
+app.add_typer(session_app, name="session")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -244,6 +256,186 @@ def doctor(as_json: bool = typer.Option(False, "--json")) -> None:
     console.print(table)
     console.print(f"data dir: {settings.data_dir}")
     console.print(f"current image: {report['currentImage'] or 'none (run `image build`)'}")
+
+
+@app.command("serve")
+def serve(
+    host: str | None = typer.Option(None, help="Listen address (default: setting `host`)."),
+    port: int | None = typer.Option(None, help="Listen port (default: setting `port`)."),
+) -> None:
+    """Run the controller. Builds, verifies and promotes the image first if none is current."""
+    import uvicorn
+
+    from master_controller.web.app import create_app
+
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    settings = get_settings().model_copy(update=overrides)
+    if ImageStore(settings.images_dir).current() is None:
+        err_console.print("no current image yet: building, verifying and promoting one first")
+        image_ensure(recipe=None)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
+        log_level="info",
+    )
+
+
+def _run_db(action: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    settings = get_settings()
+    database = Database(settings.database)
+    database.migrate()
+
+    async def go() -> T:
+        try:
+            async with database.session() as db:
+                return await action(db)
+        finally:
+            await database.close()
+
+    return asyncio.run(go())
+
+
+@apikey_app.command("create")
+def apikey_create(
+    name: str,
+    scope: list[str] = typer.Option(["sessions"], help="Scopes: sessions, admin."),
+) -> None:
+    """Create an API key and print it once (only its digest is stored)."""
+    try:
+        key = _run_db(lambda db: create_api_key(db, name, tuple(scope)))
+    except MCError as exc:
+        _fail(exc)
+        return
+    err_console.print(f"API key [bold]{name}[/] ({', '.join(scope)}); it is shown only now:")
+    print(key)
+
+
+@apikey_app.command("list")
+def apikey_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """API keys (names, prefixes, scopes; never the keys)."""
+    rows: list[dict[str, Any]] = [
+        {
+            "name": r.name,
+            "prefix": r.prefix,
+            "scopes": r.scopes.split(),
+            "created": r.created_at.isoformat(timespec="seconds"),
+            "revoked": r.revoked_at.isoformat(timespec="seconds") if r.revoked_at else None,
+        }
+        for r in _run_db(repo.list_api_keys)
+    ]
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("name", "prefix", "scopes", "created", "revoked")
+    for row in rows:
+        table.add_row(
+            row["name"],
+            row["prefix"] + "…",
+            " ".join(row["scopes"]),
+            row["created"],
+            row["revoked"] or "",
+        )
+    console.print(table)
+
+
+@apikey_app.command("revoke")
+def apikey_revoke(name: str) -> None:
+    """Revoke an API key: it stops working at once."""
+    try:
+        _run_db(lambda db: revoke_api_key(db, name))
+    except MCError as exc:
+        _fail(exc)
+        return
+    console.print(f"API key {name} revoked")
+
+
+@session_app.command("list")
+def session_list(
+    user: str | None = typer.Option(None, "--user", help="Only this user's sessions."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Sessions, newest first (read from the database)."""
+    rows: list[dict[str, Any]] = [
+        {
+            "sessionId": r.id,
+            "userId": r.user_id,
+            "provider": r.provider,
+            "status": r.state,
+            "reason": r.reason,
+            "browserIP": r.browser_ip,
+            "created": r.created_at.isoformat(timespec="seconds"),
+        }
+        for r in _run_db(lambda db: repo.list_sessions(db, user_id=user))
+    ]
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("session", "user", "provider", "status", "reason", "created")
+    for row in rows:
+        table.add_row(
+            row["sessionId"],
+            row["userId"],
+            row["provider"],
+            row["status"],
+            row["reason"],
+            row["created"],
+        )
+    console.print(table)
+
+
+def _api(method: str, path: str, api_key: str | None, body: Any = None) -> Any:
+    import httpx
+
+    settings = get_settings()
+    key = api_key or os.environ.get("MC_API_KEY")
+    if not key:
+        raise MCError("an API key is needed: --api-key or MC_API_KEY")
+    try:
+        response = httpx.request(
+            method,
+            f"{settings.base_url}{path}",
+            json=body,
+            trust_env=False,
+            timeout=30,
+            headers={"Authorization": f"Bearer {key}"},
+        )
+    except httpx.HTTPError as exc:
+        raise MCError(f"the controller at {settings.base_url} is not reachable: {exc}") from exc
+    data = response.json()
+    if response.status_code >= 400:
+        raise MCError(f"{response.status_code}: {data.get('error', data)}")
+    return data
+
+
+@session_app.command("start")
+def session_start(
+    user: str = typer.Option(..., "--user"),
+    provider: str = typer.Option("claude_code"),
+    api_key: str | None = typer.Option(None, help="Default: MC_API_KEY."),
+) -> None:
+    """Start a sign-in session through the running controller; prints the viewer link."""
+    try:
+        data = _api("POST", "/api/auth/start", api_key, {"userId": user, "provider": provider})
+    except MCError as exc:
+        _fail(exc)
+        return
+    _print_json(data)
+
+
+@session_app.command("cancel")
+def session_cancel(
+    session_id: str, api_key: str | None = typer.Option(None, help="Default: MC_API_KEY.")
+) -> None:
+    """Cancel a session through the running controller."""
+    try:
+        data = _api("POST", f"/api/auth/session/{session_id}/cancel", api_key)
+    except MCError as exc:
+        _fail(exc)
+        return
+    console.print(f"session {session_id}: {data['status']} ({data['reason']})")
 
 
 def _all_runtimes(settings: Settings) -> list[Runtime]:

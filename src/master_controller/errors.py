@@ -118,3 +118,23 @@ class AddressPoolExhausted(NetworkError):
 
 class ProbeError(MCError):
     """A readiness check made from outside the guest failed."""
+
+
+class SessionError(MCError):
+    """Something about a sign-in session."""
+
+
+class SessionNotFound(SessionError):
+    status = 404
+
+
+class SessionStateError(SessionError):
+    status = 409
+
+
+class TooManySessions(SessionError):
+    status = 429
+
+
+class NoImage(SessionError):
+    status = 503

@@ -21,7 +21,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
 
 from master_controller.errors import ProbeError
-from master_controller.rfb import Frame, RFBClient
+from master_controller.rfb import Frame, RFBClient, ServerInfo
+from master_controller.runtimes.base import GuestState, GuestStatus, Runtime
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 RFC6455_SAMPLE_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -35,7 +36,11 @@ def websocket_accept(key: str) -> str:
 
 
 async def websocket_upgrade(
-    host: str, port: int, path: str = "/", timeout: float = 5.0
+    host: str,
+    port: int,
+    path: str = "/",
+    timeout: float = 5.0,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """Send the RFC 6455 sample handshake; require 101 and the correct accept value."""
     try:
@@ -46,7 +51,9 @@ async def websocket_upgrade(
         request = (
             f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {RFC6455_SAMPLE_KEY}\r\n"
-            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: binary\r\n\r\n"
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: binary\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+            + "\r\n"
         )
         writer.write(request.encode())
         await writer.drain()
@@ -106,7 +113,7 @@ class WebSocketStream:
 
 @asynccontextmanager
 async def rfb_over_websocket(
-    url: str, password: str, timeout: float = 10.0, headers: dict[str, str] | None = None
+    url: str, password: str | None, timeout: float = 10.0, headers: dict[str, str] | None = None
 ) -> AsyncIterator[RFBClient]:
     """An RFB client, handshake done, over a WebSocket to ``url``."""
     try:
@@ -125,9 +132,19 @@ async def rfb_over_websocket(
         raise ProbeError(f"WebSocket to {url} failed: {exc}") from exc
 
 
-async def non_blank_frame(url: str, password: str, deadline: float) -> Frame:
+async def rfb_handshake(
+    url: str, password: str | None, headers: dict[str, str] | None = None
+) -> ServerInfo:
+    async with rfb_over_websocket(url, password, headers=headers) as client:
+        assert client.info is not None
+        return client.info
+
+
+async def non_blank_frame(
+    url: str, password: str | None, deadline: float, headers: dict[str, str] | None = None
+) -> Frame:
     """Fetch frames until one is not blank, or raise when the deadline passes."""
-    async with rfb_over_websocket(url, password) as client:
+    async with rfb_over_websocket(url, password, headers=headers) as client:
         while True:
             frame = await client.frame()
             if not frame.is_blank():
@@ -171,3 +188,22 @@ async def poll(
             if time.monotonic() + interval >= deadline:
                 raise
         await asyncio.sleep(interval)
+
+
+def guest_give_up(runtime: Runtime, guest: GuestState) -> Callable[[], Awaitable[str | None]]:
+    """A ``give_up`` for :func:`poll`: stop waiting when waiting cannot help, because the
+    guest died or its agent reports a required service that is not installed."""
+    endpoint = runtime.endpoint(guest)
+
+    async def check() -> str | None:
+        if runtime.status(guest) == GuestStatus.DEAD:
+            return "the guest died:\n" + runtime.diagnostics(guest)
+        try:
+            health = await agent_health(endpoint.agent_url, guest.secrets.agent_token, 1.0)
+        except ProbeError:
+            return None
+        services = health.get("services", {}).values()
+        missing = [s["summary"] for s in services if s.get("load") == "not-found"]
+        return "; ".join(missing) or None
+
+    return check

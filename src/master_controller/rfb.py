@@ -101,34 +101,50 @@ class RFBClient:
     def __init__(self, stream: ByteStream) -> None:
         self.stream = stream
         self.info: ServerInfo | None = None
+        self.version = b""
 
-    async def handshake(self, password: str) -> ServerInfo:
-        """Version 3.8, VNC authentication, shared ClientInit; raises ProbeError saying which
-        part failed."""
+    async def handshake(self, password: str | None) -> ServerInfo:
+        """Version 3.8, authentication, shared ClientInit; raises ProbeError saying which part
+        failed. Without a password only a server offering no authentication is accepted (the
+        controller's proxy, which authenticates to the guest itself)."""
+        types = await self.authenticate(password)
+        return await self.initialise(types)
+
+    async def authenticate(self, password: str | None) -> list[int]:
+        """Version and security handshake up to a successful SecurityResult."""
         version = await self.stream.read_exactly(12)
         if not version.startswith(b"RFB "):
             raise ProbeError(f"not an RFB server: greeting {version!r}")
         if version < VERSION_38:
             raise ProbeError(f"server speaks {version.strip().decode()}, 3.8 is required")
+        self.version = version.strip()
         await self.stream.write(VERSION_38)
         (count,) = await self.stream.read_exactly(1)
         if count == 0:
             raise ProbeError(f"server refused the connection: {await self._reason()}")
         types = list(await self.stream.read_exactly(count))
-        if SECURITY_VNC not in types:
-            raise ProbeError(f"server offers no VNC authentication (security types {types})")
-        await self.stream.write(bytes([SECURITY_VNC]))
-        challenge = await self.stream.read_exactly(16)
-        await self.stream.write(vnc_auth_response(password, challenge))
+        if password is None:
+            if SECURITY_NONE not in types:
+                raise ProbeError(f"server requires authentication (security types {types})")
+            await self.stream.write(bytes([SECURITY_NONE]))
+        else:
+            if SECURITY_VNC not in types:
+                raise ProbeError(f"server offers no VNC authentication (security types {types})")
+            await self.stream.write(bytes([SECURITY_VNC]))
+            challenge = await self.stream.read_exactly(16)
+            await self.stream.write(vnc_auth_response(password, challenge))
         (result,) = struct.unpack(">I", await self.stream.read_exactly(4))
         if result != 0:
             raise ProbeError(f"VNC authentication failed: {await self._reason()}")
+        return types
+
+    async def initialise(self, security_types: list[int]) -> ServerInfo:
         await self.stream.write(b"\x01")  # shared: other viewers stay connected
         width, height = struct.unpack(">HH", await self.stream.read_exactly(4))
         await self.stream.read_exactly(16)  # the server's pixel format; we set ours
         (name_len,) = struct.unpack(">I", await self.stream.read_exactly(4))
         name = (await self.stream.read_exactly(name_len)).decode(errors="replace")
-        self.info = ServerInfo(version.strip(), types, width, height, name)
+        self.info = ServerInfo(self.version, security_types, width, height, name)
         await self.stream.write(b"\x00\x00\x00\x00" + PIXEL_FORMAT)
         await self.stream.write(struct.pack(">BxHi", 2, 1, ENCODING_RAW))
         return self.info
@@ -171,3 +187,18 @@ class RFBClient:
             await self.stream.read_exactly(length)
         else:
             raise ProbeError(f"unexpected RFB server message type {kind}")
+
+
+async def accept_without_auth(viewer: ByteStream) -> None:
+    """Server side of the version and security handshake, offering no authentication: the
+    controller's proxy has authenticated to the guest already, so the viewer (who proved
+    itself with a ticket) never sees the guest's VNC password."""
+    await viewer.write(VERSION_38)
+    version = await viewer.read_exactly(12)
+    if version != VERSION_38:
+        raise ProbeError(f"viewer speaks {version!r}; RFB 3.8 is required")
+    await viewer.write(bytes([1, SECURITY_NONE]))
+    (choice,) = await viewer.read_exactly(1)
+    if choice != SECURITY_NONE:
+        raise ProbeError(f"viewer chose security type {choice}, only None is offered")
+    await viewer.write(struct.pack(">I", 0))

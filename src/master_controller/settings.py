@@ -60,8 +60,38 @@ class Settings(BaseSettings):
         20.0, description="Seconds an orderly guest shutdown may take before it is killed."
     )
     images_keep: int = Field(
-        3, ge=1, description="`image gc` keeps current plus this many other promoted images."
+        3, ge=0, description="`image gc` keeps current plus this many other promoted images."
     )
+    host: str = Field("127.0.0.1", description="Address `serve` listens on.")
+    port: int = Field(4000, ge=1, le=65535, description="Port `serve` listens on.")
+    public_url: str | None = Field(
+        None,
+        description="Base URL people reach the controller at (for novncURL); "
+        "default http://HOST:PORT.",
+    )
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL (sqlite:///... or postgresql+psycopg://...); "
+        "default: SQLite in the data dir.",
+    )
+    runtime: str = Field("auto", description="Guest runtime: auto, container, qemu, firecracker.")
+    max_sessions: int = Field(6, ge=1, description="Concurrent live sessions on this host.")
+    idle_timeout: float = Field(
+        600.0, description="Seconds a ready session may go without a viewer before it ends."
+    )
+    max_lifetime: float = Field(1800.0, description="Seconds a session may live at most.")
+    ticket_ttl: float = Field(
+        900.0, description="Seconds a viewer link (novncURL) can be opened after it was issued."
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Extra Origins allowed to open viewer WebSockets (the controller's own "
+        "origin always is).",
+    )
+    secret_key_file: Path | None = Field(
+        None, description="Key signing viewer tickets; default <data_dir>/secret.key (0600)."
+    )
+    max_body_bytes: int = Field(64 * 1024, description="Largest request body the API accepts.")
 
     @classmethod
     def settings_customise_sources(
@@ -89,6 +119,18 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
+
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'master-controller.db'}"
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def secret_key_path(self) -> Path:
+        return self.secret_key_file or self.data_dir / "secret.key"
 
 
 @lru_cache(maxsize=1)

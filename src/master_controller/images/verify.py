@@ -26,13 +26,14 @@ from master_controller.images.units import exec_start, is_enabled, parse_unit, u
 from master_controller.proc import run
 from master_controller.readiness import (
     agent_health,
+    guest_give_up,
     non_blank_frame,
     poll,
     rfb_over_websocket,
     websocket_upgrade,
 )
 from master_controller.rfb import SECURITY_NONE
-from master_controller.runtimes.base import GuestSecrets, GuestState, GuestStatus, Runtime
+from master_controller.runtimes.base import GuestSecrets, GuestState, Runtime
 from master_controller.settings import Settings
 from master_controller.steps import StepLog, StepRecord
 
@@ -229,22 +230,10 @@ class BootChecks:
         self.deadline = self.started + timeout
         self.screenshot = screenshot
         self.timings = timings
+        self.give_up = guest_give_up(runtime, guest)
 
     async def _poll(self, check: Callable[[], Awaitable[T]]) -> T:
-        return await poll(check, self.deadline, give_up=self._give_up)
-
-    async def _give_up(self) -> str | None:
-        """Stop waiting when waiting cannot help: the guest died, or the agent reports a
-        required service that is not installed."""
-        if self.runtime.status(self.guest) == GuestStatus.DEAD:
-            return "the guest died:\n" + self.runtime.diagnostics(self.guest)
-        try:
-            health = await agent_health(self.endpoint.agent_url, self.token, timeout=1.0)
-        except ProbeError:
-            return None
-        services = health.get("services", {}).values()
-        missing = [s["summary"] for s in services if s.get("load") == "not-found"]
-        return "; ".join(missing) or None
+        return await poll(check, self.deadline, give_up=self.give_up)
 
     async def websocket_101(self, record: StepRecord) -> None:
         answer = await self._poll(

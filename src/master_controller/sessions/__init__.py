@@ -1,0 +1,1 @@
+"""Sign-in sessions: one state machine, persisted before it is acted on."""

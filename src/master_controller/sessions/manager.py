@@ -1,0 +1,343 @@
+"""Running sign-in sessions: start, readiness, cancel, limits, expiry, reconciliation.
+
+Every state change goes through :meth:`SessionManager.transition`, which checks it against
+the state machine and persists it (with an event) before anything acts on it, so a
+restarted controller finds the truth in the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import TypeVar
+
+from master_controller.auth import Tickets
+from master_controller.errors import (
+    MCError,
+    NoImage,
+    ProbeError,
+    SessionNotFound,
+    TooManySessions,
+)
+from master_controller.images.store import ImageStore
+from master_controller.readiness import (
+    guest_give_up,
+    non_blank_frame,
+    poll,
+    rfb_handshake,
+    websocket_upgrade,
+)
+from master_controller.runtimes.base import GuestSecrets, GuestState, GuestStatus, Runtime
+from master_controller.sessions.states import ACTIVE, TERMINAL, VIEWABLE, State, check_transition
+from master_controller.settings import Settings
+from master_controller.steps import StepLog, StepRecord
+from master_controller.store import repo
+from master_controller.store.database import Database
+from master_controller.store.models import SessionRow, utcnow
+from master_controller.web.metrics import STEP_SECONDS
+from master_controller.web.proxy import SESSION_ENDED, ViewerRegistry
+
+log = logging.getLogger("master_controller.sessions")
+T = TypeVar("T")
+PROVIDERS = ("claude_code", "codex", "gemini_cli")
+
+
+class SessionManager:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        runtime: Runtime,
+        tickets: Tickets,
+        viewers: ViewerRegistry,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.runtime = runtime
+        self.tickets = tickets
+        self.viewers = viewers
+        self.images = ImageStore(settings.images_dir)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    # --- reading ---------------------------------------------------------------------------
+
+    async def get(self, session_id: str) -> SessionRow:
+        async with self.db.session() as db:
+            row = await repo.get_session(db, session_id)
+        if row is None:
+            raise SessionNotFound(f"no session {session_id}")
+        return row
+
+    def viewer_url(self, session_id: str) -> str:
+        ticket = self.tickets.ticket(session_id)
+        return f"{self.settings.base_url}/api/auth/session/{session_id}/novnc?ticket={ticket}"
+
+    def guest(self, row: SessionRow) -> GuestState:
+        if row.guest_id is None:
+            raise SessionNotFound(f"session {row.id} has no guest")
+        return self.runtime.load(row.guest_id)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self, user_id: str, provider: str, api_key_id: str | None) -> SessionRow:
+        """Record a new session and boot its guest in the background."""
+        image_id = self.images.current()
+        if image_id is None:
+            raise NoImage("no promoted image: run `master-controller image ensure`")
+        async with self._lock, self.db.session() as db:
+            active = await repo.list_sessions(db, states=[s.value for s in ACTIVE])
+            if len(active) >= self.settings.max_sessions:
+                raise TooManySessions(
+                    f"this host runs its maximum of {self.settings.max_sessions} sessions; "
+                    "try again when one has ended"
+                )
+            session_id = str(uuid.uuid4())
+            row = SessionRow(
+                id=session_id,
+                user_id=user_id,
+                provider=provider,
+                state=State.PROVISIONING,
+                reason="",
+                runtime=self.runtime.name,
+                image_id=image_id,
+                guest_id=session_id,
+                api_key_id=api_key_id,
+            )
+            await repo.add_session(db, row)
+            await repo.add_event(db, session_id, "state", State.PROVISIONING)
+        self._tasks[session_id] = asyncio.create_task(self._boot(row))
+        return row
+
+    async def transition(self, session_id: str, new: State, reason: str = "") -> SessionRow:
+        async with self.db.session() as db:
+            row = await repo.get_session(db, session_id)
+            if row is None:
+                raise SessionNotFound(f"no session {session_id}")
+            check_transition(State(row.state), new)
+            row.state = new
+            row.reason = reason
+            now = utcnow()
+            row.last_activity_at = now
+            if new == State.READY and row.ready_at is None:
+                row.ready_at = now
+            if new in TERMINAL:
+                row.ended_at = now
+            await db.commit()
+            await repo.add_event(
+                db, session_id, "state", new, ok=new != State.FAILED, detail=reason
+            )
+        log.info("session %s -> %s %s", session_id, new, reason)
+        return row
+
+    async def _boot(self, row: SessionRow) -> None:
+        session_id = row.id
+        started = time.monotonic()
+        deadline = started + self.settings.boot_timeout
+        records: list[StepRecord] = []
+        steps = StepLog(on_record=records.append)
+        guest: GuestState | None = None
+        step = "allocate"
+        try:
+            guest_secrets = GuestSecrets(
+                vnc_password=secrets.token_urlsafe(6)[:8], agent_token=secrets.token_urlsafe(24)
+            )
+            guest = await self.runtime.create(
+                row.guest_id or session_id, row.image_id, guest_secrets, steps
+            )
+            await self._flush(session_id, records)
+            await self._set_browser_ip(session_id, guest.address)
+            await self.transition(session_id, State.BOOTING)
+            step = "boot"
+            await self.runtime.start(guest, steps)
+            await self._flush(session_id, records)
+            give_up = guest_give_up(self.runtime, guest)
+            url, headers = self.internal_viewer(session_id)
+            host, port = self.internal_address()
+            checks: dict[str, Callable[[], Awaitable[object]]] = {
+                "websocket 101": lambda: websocket_upgrade(host, port, _path(url), headers=headers),
+                "vnc handshake": lambda: rfb_handshake(url, None, headers),
+                "first frame": lambda: non_blank_frame(url, None, deadline, headers),
+            }
+            for step, check in checks.items():
+                await self._timed_step(session_id, step, check, deadline, give_up)
+            await self.transition(session_id, State.READY)
+        except asyncio.CancelledError:
+            raise
+        except (MCError, OSError) as exc:
+            await self._flush(session_id, records)
+            reason = exc.reason if isinstance(exc, MCError) else str(exc)
+            await self.end(session_id, State.FAILED, f"{step} did not come up: {reason}")
+        finally:
+            self._tasks.pop(session_id, None)
+
+    async def _timed_step(
+        self,
+        session_id: str,
+        name: str,
+        check: Callable[[], Awaitable[T]],
+        deadline: float,
+        give_up: Callable[[], Awaitable[str | None]],
+    ) -> T:
+        """Poll ``check`` until it passes (recorded as step ``name`` with its duration)."""
+        started = time.monotonic()
+        try:
+            result = await poll(check, deadline, 0.2, give_up)
+        except ProbeError as exc:
+            await self._event(
+                session_id, StepRecord(name, time.monotonic() - started, False, exc.reason[:500])
+            )
+            raise
+        await self._event(session_id, StepRecord(name, time.monotonic() - started, True))
+        return result
+
+    async def _event(self, session_id: str, record: StepRecord) -> None:
+        STEP_SECONDS.labels(record.name).observe(record.seconds)
+        async with self.db.session() as db:
+            await repo.add_event(
+                db,
+                session_id,
+                "step",
+                record.name,
+                record.ok,
+                round(record.seconds, 3),
+                record.detail,
+            )
+
+    async def _flush(self, session_id: str, records: list[StepRecord]) -> None:
+        while records:
+            await self._event(session_id, records.pop(0))
+
+    async def _set_browser_ip(self, session_id: str, address: str | None) -> None:
+        async with self.db.session() as db:
+            row = await repo.get_session(db, session_id)
+            if row is not None:
+                row.browser_ip = address
+                await db.commit()
+
+    async def end(self, session_id: str, state: State, reason: str) -> SessionRow:
+        """Terminate or fail a session: persist, close its viewers, destroy its guest."""
+        row = await self.transition(session_id, state, reason)
+        task = self._tasks.pop(session_id, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.viewers.close_all(session_id, SESSION_ENDED, f"session {state}: {reason}"[:120])
+        if row.guest_id is not None:
+            with contextlib.suppress(MCError):
+                guest = self.runtime.load(row.guest_id)
+                await self.runtime.destroy(guest)
+        return row
+
+    async def cancel(self, session_id: str) -> SessionRow:
+        return await self.end(session_id, State.TERMINATED, "cancelled")
+
+    async def heartbeat(self, session_id: str) -> SessionRow:
+        row = await self.get(session_id)
+        if State(row.state) in TERMINAL:
+            check_transition(State(row.state), State.READY)  # raises: the session has ended
+        async with self.db.session() as db:
+            await repo.touch(db, session_id)
+        return await self.get(session_id)
+
+    async def viewer_activity(self, session_id: str) -> None:
+        async with self.db.session() as db:
+            await repo.touch(db, session_id)
+
+    # --- the controller's own view through its proxy ---------------------------------------
+
+    def internal_address(self) -> tuple[str, int]:
+        host = self.settings.host
+        return ("127.0.0.1" if host in ("0.0.0.0", "::", "") else host), self.settings.port
+
+    def internal_viewer(self, session_id: str) -> tuple[str, dict[str, str]]:
+        """The WebSocket URL of the session's viewer route and the headers of a viewer."""
+        host, port = self.internal_address()
+        path = f"/api/auth/session/{session_id}/novnc/websock"
+        cookie = self.tickets.cookie(session_id)
+        return (
+            f"ws://{host}:{port}{path}",
+            {"Cookie": f"{VIEWER_COOKIE}={cookie}", "Origin": self.settings.base_url},
+        )
+
+    # --- housekeeping ----------------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        """At start-up: keep sessions whose guest still runs, fail the rest and clean up."""
+        async with self.db.session() as db:
+            active = await repo.list_sessions(db, states=[s.value for s in ACTIVE])
+        for row in active:
+            try:
+                guest = self.guest(row)
+                alive = self.runtime.status(guest) == GuestStatus.RUNNING
+            except MCError:
+                alive = False
+            if alive and State(row.state) in VIEWABLE:
+                log.info("session %s: guest still running, reattached", row.id)
+                continue
+            why = (
+                "the controller restarted while it was starting"
+                if alive
+                else ("its guest was gone when the controller restarted")
+            )
+            await self.end(row.id, State.FAILED, why)
+
+    async def reap_once(self) -> None:
+        now = utcnow()
+        async with self.db.session() as db:
+            active = await repo.list_sessions(db, states=[s.value for s in ACTIVE])
+        for row in active:
+            state = State(row.state)
+            if now - row.created_at > timedelta(seconds=self.settings.max_lifetime):
+                await self.end(
+                    row.id,
+                    State.TERMINATED,
+                    f"maximum lifetime of {self.settings.max_lifetime:.0f}s reached",
+                )
+            elif (
+                state in VIEWABLE
+                and self.viewers.count(row.id) == 0
+                and now - row.last_activity_at > timedelta(seconds=self.settings.idle_timeout)
+            ):
+                await self.end(
+                    row.id, State.TERMINATED, f"no viewer for {self.settings.idle_timeout:.0f}s"
+                )
+            elif state in VIEWABLE and row.id not in self._tasks:
+                with contextlib.suppress(MCError):
+                    if self.runtime.status(self.guest(row)) == GuestStatus.DEAD:
+                        await self.end(row.id, State.FAILED, "the guest stopped unexpectedly")
+
+    async def run_reaper(self, interval: float = 2.0) -> None:
+        while True:
+            try:
+                await self.reap_once()
+            except Exception:  # the reaper must outlive a bad row
+                log.exception("reaper pass failed")
+            await asyncio.sleep(interval)
+
+    def start_background(self) -> None:
+        self._reaper = asyncio.create_task(self.run_reaper())
+
+    async def shutdown(self) -> None:
+        """Stop background work. Guests keep running: they outlive the controller."""
+        tasks = [t for t in (self._reaper, *self._tasks.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+VIEWER_COOKIE = "mc_viewer"
+
+
+def _path(url: str) -> str:
+    return "/" + url.split("/", 3)[3]

@@ -1,0 +1,50 @@
+"""The session states and the only transitions allowed between them."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from master_controller.errors import SessionStateError
+
+
+class State(StrEnum):
+    PROVISIONING = "provisioning"
+    BOOTING = "booting"
+    READY = "ready"
+    AUTHENTICATING = "authenticating"
+    CAPTURED = "captured"
+    HIBERNATING = "hibernating"
+    HIBERNATED = "hibernated"
+    RESUMING = "resuming"
+    TERMINATED = "terminated"
+    FAILED = "failed"
+
+
+TERMINAL = frozenset({State.TERMINATED, State.FAILED})
+# States whose guest is up and may be viewed.
+VIEWABLE = frozenset({State.READY, State.AUTHENTICATING, State.CAPTURED})
+# States that hold host capacity (count against max_sessions).
+ACTIVE = frozenset(State) - TERMINAL - {State.HIBERNATED}
+
+_NEXT: dict[State, frozenset[State]] = {
+    State.PROVISIONING: frozenset({State.BOOTING}),
+    State.BOOTING: frozenset({State.READY}),
+    State.READY: frozenset({State.AUTHENTICATING, State.HIBERNATING}),
+    State.AUTHENTICATING: frozenset({State.CAPTURED, State.READY}),
+    State.CAPTURED: frozenset({State.HIBERNATING}),
+    State.HIBERNATING: frozenset({State.HIBERNATED}),
+    State.HIBERNATED: frozenset({State.RESUMING}),
+    State.RESUMING: frozenset({State.READY}),
+    State.TERMINATED: frozenset(),
+    State.FAILED: frozenset(),
+}
+
+
+def check_transition(current: State, new: State) -> None:
+    """Raise SessionStateError unless ``current -> new`` is allowed. Any live state may end
+    (terminated or failed); an ended session stays ended."""
+    if current in TERMINAL:
+        raise SessionStateError(f"the session has ended ({current})")
+    if new in TERMINAL or new in _NEXT[current]:
+        return
+    raise SessionStateError(f"a {current} session cannot become {new}")

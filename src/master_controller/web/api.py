@@ -1,0 +1,153 @@
+"""The JSON API for callers with an API key (compatible with the system we replace)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query
+
+from master_controller.auth import Caller
+from master_controller.errors import MCError, SessionNotFound
+from master_controller.runtimes.base import GuestStatus
+from master_controller.sessions.states import ACTIVE
+from master_controller.store import repo
+from master_controller.store.models import SessionRow
+from master_controller.web.deps import (
+    Services,
+    caller,
+    owned_session,
+    require_scope,
+    services,
+)
+from master_controller.web.schemas import (
+    USER_ID_PATTERN,
+    EventView,
+    OkResponse,
+    SessionView,
+    StartRequest,
+    StartResponse,
+    VmView,
+)
+
+router = APIRouter(prefix="/api", dependencies=[require_scope("sessions")])  # type: ignore[list-item]
+
+
+async def session_view(svc: Services, row: SessionRow, with_events: bool = True) -> SessionView:
+    events: list[EventView] = []
+    if with_events:
+        async with svc.db.session() as db:
+            events = [
+                EventView(
+                    at=e.at, kind=e.kind, name=e.name, ok=e.ok, seconds=e.seconds, detail=e.detail
+                )
+                for e in await repo.events(db, row.id)
+            ]
+    live = row.state in {s.value for s in ACTIVE}
+    return SessionView(
+        session_id=row.id,
+        user_id=row.user_id,
+        provider=row.provider,
+        status=row.state,
+        reason=row.reason,
+        browser_ip=row.browser_ip,
+        runtime=row.runtime,
+        image_id=row.image_id,
+        created_at=row.created_at,
+        ready_at=row.ready_at,
+        ended_at=row.ended_at,
+        last_activity_at=row.last_activity_at,
+        viewers=svc.viewers.count(row.id),
+        novnc_url=svc.sessions.viewer_url(row.id) if live else None,
+        events=events,
+    )
+
+
+@router.post("/auth/start", status_code=201, response_model=StartResponse)
+@router.post("/vm/auth", status_code=201, response_model=StartResponse, include_in_schema=False)
+async def start_session(
+    body: StartRequest, who: Caller = Depends(caller), svc: Services = Depends(services)
+) -> StartResponse:
+    """Start a sign-in session; the guest boots in the background."""
+    row = await svc.sessions.start(body.user_id, body.provider, who.key_id)
+    return StartResponse(
+        session_id=row.id,
+        provider=row.provider,
+        novnc_url=svc.sessions.viewer_url(row.id),
+        browser_ip=row.browser_ip,
+        status=row.state,
+    )
+
+
+@router.get("/auth/session/{session_id}", response_model=SessionView)
+async def get_session(
+    row: SessionRow = Depends(owned_session), svc: Services = Depends(services)
+) -> SessionView:
+    return await session_view(svc, row)
+
+
+@router.post("/auth/session/{session_id}/cancel", response_model=SessionView)
+async def cancel_session(
+    row: SessionRow = Depends(owned_session), svc: Services = Depends(services)
+) -> SessionView:
+    return await session_view(svc, await svc.sessions.cancel(row.id))
+
+
+@router.post("/auth/session/{session_id}/heartbeat", response_model=OkResponse)
+async def heartbeat(
+    row: SessionRow = Depends(owned_session), svc: Services = Depends(services)
+) -> OkResponse:
+    row = await svc.sessions.heartbeat(row.id)
+    return OkResponse(status=row.state)
+
+
+@router.get("/auth/sessions", response_model=list[SessionView])
+async def list_sessions(
+    user_id: str | None = Query(None, alias="userId", pattern=USER_ID_PATTERN),
+    who: Caller = Depends(caller),
+    svc: Services = Depends(services),
+) -> list[SessionView]:
+    async with svc.db.session() as db:
+        rows = await repo.list_sessions(db, user_id=user_id)
+    visible = [r for r in rows if r.api_key_id == who.key_id or "admin" in who.scopes]
+    return [await session_view(svc, r, with_events=False) for r in visible[:200]]
+
+
+async def _vms(svc: Services, who: Caller) -> list[VmView]:
+    async with svc.db.session() as db:
+        rows = await repo.list_sessions(db, states=[s.value for s in ACTIVE])
+    vms = []
+    for row in rows:
+        if row.api_key_id != who.key_id and "admin" not in who.scopes:
+            continue
+        try:
+            status = svc.runtime.status(svc.sessions.guest(row))
+        except MCError:
+            status = GuestStatus.DESTROYED
+        vms.append(
+            VmView(
+                vm_id=row.guest_id or row.id,
+                session_id=row.id,
+                user_id=row.user_id,
+                status=status,
+                session_status=row.state,
+                address=row.browser_ip,
+                runtime=row.runtime,
+                image_id=row.image_id,
+            )
+        )
+    return vms
+
+
+@router.get("/vms", response_model=list[VmView])
+async def list_vms(
+    who: Caller = Depends(caller), svc: Services = Depends(services)
+) -> list[VmView]:
+    return await _vms(svc, who)
+
+
+@router.get("/vms/{vm_id}", response_model=VmView)
+async def get_vm(
+    vm_id: str, who: Caller = Depends(caller), svc: Services = Depends(services)
+) -> VmView:
+    for vm in await _vms(svc, who):
+        if vm.vm_id == vm_id:
+            return vm
+    raise SessionNotFound(f"no VM {vm_id[:64]!r}")
