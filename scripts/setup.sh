@@ -5,9 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
+    # images and the container runtime
     mmdebstrap debootstrap systemd-container e2fsprogs iproute2 nftables util-linux
     dpkg coreutils ca-certificates python3 python3-venv
+    # tests: a real browser for the viewer tests, a real PostgreSQL for the store tests
+    chromium fonts-dejavu-core postgresql
 )
+command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(nodejs npm)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null | grep -qx installed || missing+=("$pkg")
@@ -17,6 +21,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# The noVNC client, from the npm registry (served by the controller, not kept in the repo).
+if [ ! -f node_modules/@novnc/novnc/core/rfb.js ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+    echo "setup: installing npm packages"
+    npm ci --no-audit --no-fund --loglevel=error
 fi
 
 PYTHON="${PYTHON:-python3}"

@@ -17,6 +17,7 @@ from master_controller.images.store import ImageStore
 from master_controller.images.verify import Verifier
 from master_controller.runtimes.container import ContainerRuntime
 from master_controller.settings import REPO_ROOT, Settings
+from tests.servers import have_postgresql, postgresql_database, postgresql_server
 
 IN_CI = os.environ.get("CI") == "true"
 # Integration tests keep their own data dir (not the operator's), cached across runs.
@@ -86,3 +87,24 @@ def container_runtime(integration_settings: Settings) -> Iterator[ContainerRunti
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def postgresql() -> Iterator[str]:
+    """A real PostgreSQL server (URL template with {db})."""
+    require_root()
+    if not have_postgresql():
+        pytest.skip("PostgreSQL is not installed (run scripts/setup.sh)")
+    with postgresql_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database of each kind."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'mc.db'}"
+        return
+    server = request.getfixturevalue("postgresql")
+    with postgresql_database(server, f"mc_test_{os.getpid()}") as url:
+        yield url

@@ -34,7 +34,7 @@ async def list_sessions(
 
 async def count_by_state(db: AsyncSession) -> dict[str, int]:
     rows = await db.execute(select(SessionRow.state, func.count()).group_by(SessionRow.state))
-    return {state: count for state, count in rows.tuples()}
+    return {state: count for state, count in rows}
 
 
 async def add_event(

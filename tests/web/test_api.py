@@ -1,0 +1,173 @@
+"""The controller's API, against a running `master-controller serve` with real guests, on
+SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from master_controller.settings import Settings
+from tests.runtimes.leaks import HostSnapshot
+from tests.servers import Controller, controller
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def ctl(
+    golden_image: str, integration_settings: Settings, database_url: str, tmp_path: Path
+) -> Iterator[Controller]:
+    with controller(
+        integration_settings.data_dir,
+        database_url,
+        tmp_path,
+        max_sessions="2",
+        guest_network="10.213.144.0/20",
+    ) as running:
+        yield running
+
+
+def test_health_without_key(ctl: Controller, golden_image: str) -> None:
+    assert ctl.request("GET", "/health", key=None).json()["status"] == "ok"
+    health = ctl.request("GET", "/api/health", key=None).json()
+    assert health["status"] == "ok" and health["image"]["current"] == golden_image
+    assert health["runtime"]["name"] == "container" and health["database"] == "ok"
+    assert health["capacity"] == {"max": 2, "active": 0, "free": 2}
+    assert "/api/auth/start" in ctl.request("GET", "/openapi.json", key=None).json()["paths"]
+
+
+@pytest.mark.parametrize(
+    ("path", "method"),
+    [("/api/auth/sessions", "GET"), ("/api/auth/start", "POST"), ("/api/vms", "GET")],
+)
+def test_api_needs_a_valid_key(ctl: Controller, path: str, method: str) -> None:
+    response = ctl.request(method, path, key=None, json={"userId": "a", "provider": "codex"})
+    assert response.status_code == 401 and "API key is required" in response.json()["error"]
+    response = ctl.request(method, path, key=None, headers={"Authorization": "Bearer mc_nope"})
+    assert response.status_code == 401 and "invalid" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({}, 422, "userId: Field required"),
+        ({"userId": "alice"}, 422, "provider: Field required"),
+        ({"userId": "alice", "provider": "emacs"}, 422, "provider"),
+        ({"userId": "../etc", "provider": "codex"}, 422, "userId"),
+        ({"userId": "alice", "provider": "codex", "extra": 1}, 422, "extra"),
+        ("not json", 422, ""),
+    ],
+)
+def test_bad_start_requests(ctl: Controller, body: object, status: int, message: str) -> None:
+    before = ctl.request("GET", "/api/auth/sessions").json()
+    if isinstance(body, str):
+        response = ctl.request(
+            "POST", "/api/auth/start", content=body, headers={"Content-Type": "application/json"}
+        )
+    else:
+        response = ctl.request("POST", "/api/auth/start", json=body)
+    assert response.status_code == status
+    assert response.json()["success"] is False and message in response.json()["error"]
+    assert ctl.request("GET", "/api/auth/sessions").json() == before  # nothing left behind
+
+
+def test_oversized_body_and_unknown_session(ctl: Controller) -> None:
+    response = ctl.request(
+        "POST",
+        "/api/auth/start",
+        content=b"x" * 200_000,
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 413 and "request body over" in response.json()["error"]
+    for sid in ("00000000-0000-0000-0000-000000000000", "not-a-session", "x" * 300):
+        response = ctl.request("GET", f"/api/auth/session/{sid}")
+        assert response.status_code == 404 and "no session" in response.json()["error"]
+        assert ctl.request("POST", f"/api/auth/session/{sid}/cancel").status_code == 404
+
+
+def test_session_lifecycle(ctl: Controller, integration_settings: Settings) -> None:
+    before = HostSnapshot.take(integration_settings)
+    start = ctl.request("POST", "/api/auth/start", json={"userId": "alice", "provider": "codex"})
+    assert start.status_code == 201, start.text
+    body = start.json()
+    assert body["success"] and body["provider"] == "codex" and body["status"] == "provisioning"
+    assert "/novnc?ticket=" in body["novncURL"]
+    sid = body["sessionId"]
+
+    session = ctl.wait_for(sid, {"ready", "failed"})
+    assert session["status"] == "ready", session
+    steps = [e["name"] for e in session["events"] if e["kind"] == "step"]
+    assert steps[:4] == ["allocate", "network", "disk layer", "boot"]
+    assert steps[-3:] == ["websocket 101", "vnc handshake", "first frame"]
+    assert all(e["seconds"] is not None for e in session["events"] if e["kind"] == "step")
+    assert session["browserIP"] and session["readyAt"]
+
+    # another caller's key sees nothing of it; an admin key does
+    assert ctl.request("GET", f"/api/auth/session/{sid}", key="bob").status_code == 404
+    assert ctl.request("POST", f"/api/auth/session/{sid}/cancel", key="bob").status_code == 404
+    assert ctl.request("GET", "/api/auth/sessions", key="bob").json() == []
+    assert ctl.request("GET", f"/api/auth/session/{sid}", key="ops").status_code == 200
+
+    assert ctl.request("POST", f"/api/auth/session/{sid}/heartbeat").json()["status"] == "ready"
+    listed = ctl.request("GET", "/api/auth/sessions", params={"userId": "alice"}).json()
+    assert [s["sessionId"] for s in listed] == [sid]
+    vms = ctl.request("GET", "/api/vms").json()
+    assert [(v["sessionId"], v["status"]) for v in vms] == [(sid, "running")]
+    assert (
+        ctl.request("GET", f"/api/vms/{vms[0]['vmId']}").json()["address"] == session["browserIP"]
+    )
+
+    metrics = ctl.request("GET", "/metrics", key=None).text
+    assert 'mc_sessions{state="ready"} 1.0' in metrics
+    assert 'mc_session_step_seconds_count{step="first frame"}' in metrics
+    assert "mc_proxy_bytes_total" in metrics
+
+    cancelled = ctl.request("POST", f"/api/auth/session/{sid}/cancel").json()
+    assert cancelled["status"] == "terminated" and cancelled["reason"] == "cancelled"
+    assert cancelled["novncURL"] is None
+    again = ctl.request("POST", f"/api/auth/session/{sid}/cancel")
+    assert again.status_code == 409 and "ended" in again.json()["error"]
+    assert ctl.request("POST", f"/api/auth/session/{sid}/heartbeat").status_code == 409
+    assert HostSnapshot.take(integration_settings) == before
+
+
+def test_session_limit_is_enforced(ctl: Controller) -> None:
+    started = [
+        ctl.request("POST", "/api/vm/auth", json={"userId": f"u{i}", "provider": "gemini_cli"})
+        for i in range(3)
+    ]
+    assert [r.status_code for r in started] == [201, 201, 429]
+    assert "maximum of 2 sessions" in started[2].json()["error"]
+    for response in started[:2]:
+        sid = response.json()["sessionId"]
+        assert ctl.wait_for(sid, {"ready", "failed"})["status"] == "ready"
+        ctl.request("POST", f"/api/auth/session/{sid}/cancel")
+
+
+def test_websocket_refusals_carry_codes_and_reasons(ctl: Controller) -> None:
+    sid = ctl.request("POST", "/api/auth/start", json={"userId": "ws", "provider": "codex"}).json()[
+        "sessionId"
+    ]
+    ws_url = ctl.url.replace("http", "ws") + f"/api/auth/session/{sid}/novnc/websock"
+
+    async def close_of(url: str, headers: dict[str, str]) -> tuple[int, str]:
+        async with connect(
+            url, additional_headers=headers, proxy=None, subprotocols=["binary"]
+        ) as ws:  # type: ignore[list-item]
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+        assert closed.value.rcvd is not None
+        return closed.value.rcvd.code, closed.value.rcvd.reason
+
+    unknown = ctl.url.replace("http", "ws") + (
+        "/api/auth/session/00000000-0000-0000-0000-000000000000/novnc/websock"
+    )
+    assert asyncio.run(close_of(unknown, {"Origin": ctl.url})) == (4404, "session not found")
+    code, reason = asyncio.run(close_of(ws_url, {"Origin": ctl.url}))
+    assert code == 4401 and "viewer ticket" in reason
+    ctl.request("POST", f"/api/auth/session/{sid}/cancel")

@@ -1,0 +1,130 @@
+"""The viewer in a real browser: Playwright driving Debian's Chromium, noVNC from npm."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+from master_controller.settings import Settings
+from tests.servers import Controller, controller
+
+pytestmark = [pytest.mark.integration, pytest.mark.browser]
+CHROMIUM = "/usr/bin/chromium"
+QUIET = [
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-gpu",
+    "--no-sandbox",
+]
+
+# distinct colours in a sample of the noVNC canvas (a blank canvas has one)
+CANVAS_COLOURS = """() => {
+  const canvas = document.querySelector('#screen canvas');
+  if (!canvas || !canvas.width) return 0;
+  const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+  const seen = new Set();
+  for (let i = 0; i < data.length; i += 388) seen.add(data[i] << 16 | data[i+1] << 8 | data[i+2]);
+  return seen.size;
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if shutil.which(CHROMIUM) is None:
+        pytest.skip("Debian's chromium is not installed (run scripts/setup.sh)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=QUIET)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def ctl(golden_image: str, integration_settings: Settings, tmp_path: Path) -> Iterator[Controller]:
+    with controller(
+        integration_settings.data_dir,
+        f"sqlite:///{tmp_path / 'mc.db'}",
+        tmp_path,
+        guest_network="10.213.160.0/20",
+    ) as running:
+        yield running
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1100, "height": 760})
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url} {r.failure}"))
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}"))
+    page.problems = problems  # type: ignore[attr-defined]
+    yield page
+    context.close()
+
+
+def wait_for_state(page: Page, ctl: Controller, state: str, seconds: float) -> None:
+    """Wait for the viewer's state; on timeout, say what the page and controller saw."""
+    try:
+        page.wait_for_function(
+            f"document.body.dataset.state === '{state}'", timeout=seconds * 1000, polling=250
+        )
+    except PlaywrightTimeout:
+        seen = page.evaluate("document.body.dataset.state")
+        message = page.locator("#message").inner_text()
+        log = ctl.log.read_text()[-2000:] if ctl.log else ""
+        problems = "\n".join(page.problems[-20:])  # type: ignore[attr-defined]
+        pytest.fail(f"viewer stayed {seen!r} ({message}), not {state!r}\n{problems}\n{log}")
+
+
+def _start(ctl: Controller) -> dict[str, str]:
+    response = ctl.request(
+        "POST", "/api/auth/start", json={"userId": "viewer", "provider": "codex"}
+    )
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+def test_viewer_shows_the_guest_browser(ctl: Controller, page: Page, tmp_path: Path) -> None:
+    started = _start(ctl)
+    page.goto(started["novncURL"])  # opened at once: the page shows progress while it boots
+    assert "ticket=" not in page.url  # traded for a cookie and dropped from the address bar
+    wait_for_state(page, ctl, "connected", 90)
+    page.wait_for_function(f"({CANVAS_COLOURS})() > 50", timeout=30_000)
+    assert page.locator("#state").inner_text() == "Connected"
+    page.screenshot(path=str(tmp_path / "viewer.png"))
+    cookies = page.context.cookies()
+    viewer_cookie = next(c for c in cookies if c["name"] == "mc_viewer")
+    assert viewer_cookie["httpOnly"] and viewer_cookie["path"].endswith("/novnc")
+    # the guest's VNC password never reaches the page
+    guest_config = ctl.request("GET", f"/api/auth/session/{started['sessionId']}").json()
+    assert guest_config["status"] == "ready"
+    assert "vnc_password" not in page.content()
+
+    # cancelling closes the viewer with a reason the page shows in words
+    ctl.request("POST", f"/api/auth/session/{started['sessionId']}/cancel")
+    wait_for_state(page, ctl, "ended", 15)
+    assert page.evaluate("document.body.dataset.closeCode") == "4410"
+    assert "This sign-in session has ended" in page.locator("#message").inner_text()
+
+
+def test_viewer_without_a_valid_ticket_is_refused(ctl: Controller, page: Page) -> None:
+    started = _start(ctl)
+    plain = started["novncURL"].split("?")[0]
+    response = page.goto(plain)
+    assert response is not None and response.status == 401
+    assert "open the viewer link you were given" in page.locator("#message").inner_text()
+    response = page.goto(plain + "?ticket=forged.ticket.value")
+    assert response is not None and response.status == 401
+    assert "not valid" in page.locator("#message").inner_text()
+    # a ticket for another session does not open this one
+    other = _start(ctl)
+    response = page.goto(plain + "?" + other["novncURL"].split("?")[1])
+    assert response is not None and response.status == 403
+    assert "another session" in page.locator("#message").inner_text()
