@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import time
 from collections.abc import Iterator
@@ -23,6 +24,18 @@ from master_controller.runtimes.container import ContainerRuntime
 from tests.runtimes.leaks import HostSnapshot
 
 pytestmark = pytest.mark.integration
+
+
+def processes_in(pid_namespaces: set[str]) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.readlink(entry / "ns/pid") in pid_namespaces:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
 
 
 def _secrets() -> GuestSecrets:
@@ -46,6 +59,13 @@ async def test_boot_view_and_destroy_leaves_nothing(
     before = HostSnapshot.take(runtime.settings)
     guest = await _up(runtime, golden_image, "view")
     assert runtime.status(guest) == GuestStatus.RUNNING
+    leader = guest.resources["leader"]["pid"]
+    nspid = next(
+        line
+        for line in Path(f"/proc/{leader}/status").read_text().splitlines()
+        if line.startswith("NSpid:")
+    )
+    assert nspid.split()[-1] == "1"  # the recorded leader is the container's PID 1
     url = runtime.endpoint(guest).websocket_url
     frame = await poll(
         lambda: non_blank_frame(url, guest.secrets.vnc_password, time.monotonic() + 30),
@@ -163,13 +183,16 @@ async def test_failed_start_releases_what_it_made(
 async def test_churn_leaves_nothing(golden_image: str, container_runtime: ContainerRuntime) -> None:
     runtime = container_runtime
     before = HostSnapshot.take(runtime.settings)
+    namespaces = []
     for round_ in range(20):
         guest = await runtime.create(
             f"churn{round_}-{secrets.token_hex(3)}", golden_image, _secrets()
         )
         await runtime.start(guest)
+        namespaces.append(guest.resources["pid_namespace"])
         if round_ % 2:  # half of them get as far as a working viewer path
             address = runtime.endpoint(guest).address
             await poll(lambda a=address: websocket_upgrade(a, 6080), time.monotonic() + 60)
         await runtime.destroy(guest)
     assert HostSnapshot.take(runtime.settings) == before
+    assert not processes_in(set(namespaces))  # not a single guest process survived

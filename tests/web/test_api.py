@@ -4,13 +4,19 @@ SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from master_controller.readiness import non_blank_frame
 from master_controller.settings import Settings
 from tests.runtimes.leaks import HostSnapshot
 from tests.servers import Controller, controller
@@ -171,3 +177,109 @@ def test_websocket_refusals_carry_codes_and_reasons(ctl: Controller) -> None:
     code, reason = asyncio.run(close_of(ws_url, {"Origin": ctl.url}))
     assert code == 4401 and "viewer ticket" in reason
     ctl.request("POST", f"/api/auth/session/{sid}/cancel")
+
+
+def _viewer_headers(ctl: Controller, novnc_url: str) -> dict[str, str]:
+    """What a browser holds after opening novncURL: the viewer cookie, and its Origin."""
+    response = httpx.get(novnc_url, trust_env=False, follow_redirects=False)
+    assert response.status_code == 303
+    return {"Cookie": f"mc_viewer={response.cookies['mc_viewer']}", "Origin": ctl.url}
+
+
+def test_several_viewers_on_one_session(ctl: Controller) -> None:
+    body = ctl.request(
+        "POST", "/api/auth/start", json={"userId": "many", "provider": "codex"}
+    ).json()
+    sid = body["sessionId"]
+    assert ctl.wait_for(sid, {"ready", "failed"})["status"] == "ready"
+    headers = _viewer_headers(ctl, body["novncURL"])
+    ws_url = ctl.url.replace("http", "ws") + f"/api/auth/session/{sid}/novnc/websock"
+
+    async def three_viewers() -> list[int]:
+        deadline = time.monotonic() + 30
+        frames = await asyncio.gather(
+            *(non_blank_frame(ws_url, None, deadline, headers) for _ in range(3))
+        )
+        return [f.width for f in frames]
+
+    assert asyncio.run(three_viewers()) == [1280, 1280, 1280]
+
+    # the wrong Origin is refused with a reason
+    async def wrong_origin() -> tuple[int, str]:
+        bad = {**headers, "Origin": "http://evil.invalid"}
+        async with connect(ws_url, additional_headers=bad, proxy=None) as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+        assert closed.value.rcvd is not None
+        return closed.value.rcvd.code, closed.value.rcvd.reason
+
+    assert asyncio.run(wrong_origin()) == (4403, "origin not allowed")
+    ctl.request("POST", f"/api/auth/session/{sid}/cancel")
+
+
+@pytest.fixture
+def short_lived(
+    golden_image: str, integration_settings: Settings, tmp_path: Path
+) -> Iterator[Controller]:
+    with controller(
+        integration_settings.data_dir,
+        f"sqlite:///{tmp_path / 'mc.db'}",
+        tmp_path,
+        idle_timeout="2",
+        guest_network="10.213.176.0/20",
+    ) as running:
+        yield running
+
+
+def test_idle_sessions_end_by_themselves(
+    short_lived: Controller, integration_settings: Settings
+) -> None:
+    before = HostSnapshot.take(integration_settings)
+    sid = short_lived.request(
+        "POST", "/api/auth/start", json={"userId": "idle", "provider": "codex"}
+    ).json()["sessionId"]
+    assert short_lived.wait_for(sid, {"ready", "failed"})["status"] == "ready"
+    ended = short_lived.wait_for(sid, {"terminated", "failed"}, timeout=30)
+    assert ended["status"] == "terminated" and ended["reason"] == "no viewer for 2s"
+    deadline = time.monotonic() + 10
+    while HostSnapshot.take(integration_settings) != before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert HostSnapshot.take(integration_settings) == before
+
+
+def test_cli_sessions(ctl: Controller) -> None:
+    env_key = {**ctl.env, "MC_API_KEY": ctl.keys["alice"], "MC_PUBLIC_URL": ctl.url}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "master_controller.cli",
+            "session",
+            "start",
+            "--user",
+            "cli",
+            "--provider",
+            "codex",
+        ],
+        capture_output=True,
+        text=True,
+        env=env_key,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    sid = json.loads(done.stdout)["sessionId"]
+    listed = json.loads(ctl.cli("session", "list", "--user", "cli", "--json").stdout)
+    assert [s["sessionId"] for s in listed] == [sid]
+    done = subprocess.run(
+        [sys.executable, "-m", "master_controller.cli", "session", "cancel", sid],
+        capture_output=True,
+        text=True,
+        env=env_key,
+        timeout=60,
+    )
+    assert done.returncode == 0 and "terminated" in done.stdout
+    keys = json.loads(ctl.cli("apikey", "list", "--json").stdout)
+    assert {k["name"] for k in keys} == {"alice", "bob", "ops"}
+    assert all("key" not in k for k in keys)
+    assert ctl.cli("apikey", "revoke", "bob").returncode == 0
+    assert ctl.request("GET", "/api/auth/sessions", key="bob").status_code == 401

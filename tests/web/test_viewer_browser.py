@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,3 +130,38 @@ def test_viewer_without_a_valid_ticket_is_refused(ctl: Controller, page: Page) -
     response = page.goto(plain + "?" + other["novncURL"].split("?")[1])
     assert response is not None and response.status == 403
     assert "another session" in page.locator("#message").inner_text()
+
+
+def test_viewer_reconnects_after_the_guest_vnc_drops(
+    ctl: Controller, page: Page, integration_settings: Settings
+) -> None:
+    started = _start(ctl)
+    page.goto(started["novncURL"])
+    wait_for_state(page, ctl, "connected", 90)
+    # x11vnc restarts inside the guest: the viewer is told why, then reconnects by itself
+    state = json.loads(
+        (integration_settings.guests_dir / started["sessionId"] / "state.json").read_text()
+    )
+    leader = str(state["resources"]["leader"]["pid"])
+    subprocess.run(
+        [
+            "nsenter",
+            "-t",
+            leader,
+            "-m",
+            "-p",
+            "-u",
+            "-i",
+            "-n",
+            "systemctl",
+            "restart",
+            "x11vnc.service",
+        ],
+        check=True,
+        timeout=30,
+    )
+    wait_for_state(page, ctl, "reconnecting", 15)
+    assert page.evaluate("document.body.dataset.closeCode") == "1011"
+    assert "display could not be reached" in page.locator("#message").inner_text()
+    wait_for_state(page, ctl, "connected", 30)
+    page.wait_for_function(f"({CANVAS_COLOURS})() > 50", timeout=30_000)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import signal
 from contextlib import AsyncExitStack, ExitStack
@@ -134,6 +135,7 @@ class ContainerRuntime(Runtime):
                     leader = await self._wait_for_leader(process)
                     guest.resources["process"] = process.model_dump()
                     guest.resources["leader"] = leader.model_dump()
+                    guest.resources["pid_namespace"] = _pid_namespace(leader.pid)
                 guest.status = GuestStatus.RUNNING
                 guest.reason = ""
                 self.save(guest)
@@ -222,11 +224,15 @@ class ContainerRuntime(Runtime):
             run(["umount", target])
 
     async def _wait_for_leader(self, process: ProcessRef) -> ProcessRef:
-        """nspawn's child is the container's PID 1; record it to be able to kill it."""
-        for _ in range(200):
-            children = process.children()
-            if children:
-                return children[0]
+        """Find the container's PID 1 (to be able to kill it). nspawn first forks helper
+        children that exit again; the leader is the child in a PID namespace of its own
+        that has exec'd the guest's init."""
+        own = _pid_namespace(process.pid)
+        for _ in range(250):
+            for child in process.children():
+                ns = _pid_namespace(child.pid)
+                if ns is not None and ns != own and _comm(child.pid) != "systemd-nspawn":
+                    return child
             if not process.alive():
                 break
             await asyncio.sleep(0.02)
@@ -251,6 +257,7 @@ class ContainerRuntime(Runtime):
         if process is not None and not await process.wait(5):
             process.signal(signal.SIGKILL)
             await process.wait(5)
+        await _wait_until_empty(guest.resources.pop("pid_namespace", None))
         guest.resources.pop("process", None)
         guest.resources.pop("leader", None)
         folder = self.guest_dir(guest.guest_id)
@@ -263,6 +270,36 @@ class ContainerRuntime(Runtime):
         except NetworkError:
             await asyncio.sleep(0.2)  # the namespace may be held a moment by exiting processes
             await netns.aremove(self._link(guest))
+
+
+def _pid_namespace(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
+async def _wait_until_empty(pid_namespace: str | None, timeout: float = 10.0) -> None:
+    """Wait until no process is left in the guest's PID namespace (processes of a killed
+    namespace take a moment to go)."""
+    if pid_namespace is None:
+        return
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        if not any(
+            _pid_namespace(int(p.name)) == pid_namespace
+            for p in os.scandir("/proc")
+            if p.name.isdigit()
+        ):
+            return
+        await asyncio.sleep(0.05)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _is_mountpoint(path: Path) -> bool:
