@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Sets up the host, then makes sure a verified golden image is built and current.
+# Sets up the host, then runs the controller (it builds, verifies and promotes the golden
+# image first if none is current). Settings: MC_* variables or /etc/master-controller/config.toml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/master-controller image ensure
-.venv/bin/master-controller doctor
+exec .venv/bin/master-controller serve "$@"

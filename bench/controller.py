@@ -1,0 +1,190 @@
+"""Controller figures: POST to ready, POST to first frame in a real browser, and the viewer
+proxy's throughput relaying a VNC stream compared with websockify relaying the same stream.
+
+    .venv/bin/python -m bench.controller [--sessions N] [--frames N]
+
+Needs a promoted image in the bench data dir (run bench/images.py first, or it is built).
+Prints the figures and saves them to bench/results/controller.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from playwright.sync_api import sync_playwright
+
+from master_controller.images.builder import ImageBuilder
+from master_controller.images.recipe import Recipe
+from master_controller.images.store import ImageStore
+from master_controller.images.verify import Verifier
+from master_controller.readiness import rfb_over_websocket
+from master_controller.runtimes.container import ContainerRuntime
+from master_controller.settings import Settings
+from tests.servers import Controller, controller
+
+RESULTS = Path(__file__).parent / "results" / "controller.json"
+CANVAS_DRAWN = """() => {
+  const c = document.querySelector('#screen canvas');
+  if (!c || !c.width) return false;
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  const seen = new Set();
+  for (let i = 0; i < d.length; i += 388) seen.add(d[i] << 16 | d[i + 1] << 8 | d[i + 2]);
+  return seen.size > 50;
+}"""
+
+
+def ensure_image(settings: Settings) -> str:
+    store = ImageStore(settings.images_dir)
+    built = ImageBuilder(settings).build(Recipe.load(settings.recipe))
+    if not store.get(built.image_id).verified:
+        asyncio.run(Verifier(settings, ContainerRuntime(settings)).verify(built.image_id))
+    store.promote(built.image_id)
+    return built.image_id
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def pull_frames(
+    url: str, password: str | None, headers: dict[str, str] | None, frames: int
+) -> tuple[float, int]:
+    """Fetch ``frames`` full raw framebuffers; returns (seconds, bytes)."""
+    async with rfb_over_websocket(url, password, timeout=30, headers=headers) as client:
+        await client.frame()  # warm up
+        started = time.monotonic()
+        total = 0
+        for _ in range(frames):
+            frame = await client.frame()
+            total += len(frame.pixels)
+        return time.monotonic() - started, total
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "median": round(statistics.median(values), 2),
+        "min": round(min(values), 2),
+        "max": round(max(values), 2),
+    }
+
+
+def measure_sessions(ctl: Controller, count: int) -> dict[str, Any]:
+    to_ready, to_frame = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        for i in range(count):
+            page = browser.new_page(viewport={"width": 1280, "height": 860})
+            started = time.monotonic()
+            body = ctl.request(
+                "POST", "/api/auth/start", json={"userId": f"bench{i}", "provider": "codex"}
+            ).json()
+            page.goto(body["novncURL"])
+            ready_seen = None
+            while ready_seen is None:
+                state = ctl.request("GET", f"/api/auth/session/{body['sessionId']}").json()
+                if state["status"] == "ready":
+                    ready_seen = time.monotonic() - started
+                elif state["status"] == "failed":
+                    raise RuntimeError(state["reason"])
+                else:
+                    time.sleep(0.02)
+            page.wait_for_function(CANVAS_DRAWN, timeout=60_000, polling=50)
+            to_frame.append(time.monotonic() - started)
+            to_ready.append(ready_seen)
+            page.close()
+            ctl.request("POST", f"/api/auth/session/{body['sessionId']}/cancel")
+        browser.close()
+    return {
+        "post_to_ready_seconds": summary(to_ready),
+        "post_to_first_frame_in_browser_seconds": summary(to_frame),
+        "sessions": count,
+    }
+
+
+def measure_proxy(ctl: Controller, settings: Settings, frames: int) -> dict[str, Any]:
+    body = ctl.request("POST", "/api/auth/start", json={"userId": "tp", "provider": "codex"}).json()
+    sid = body["sessionId"]
+    while ctl.request("GET", f"/api/auth/session/{sid}").json()["status"] != "ready":
+        time.sleep(0.1)
+    guest = json.loads((settings.guests_dir / sid / "state.json").read_text())
+    direct_url = f"ws://{guest['address']}:6080/"
+    response = httpx.get(body["novncURL"], trust_env=False, follow_redirects=False)
+    headers = {"Cookie": f"mc_viewer={response.cookies['mc_viewer']}", "Origin": ctl.url}
+    proxied_url = ctl.url.replace("http", "ws") + f"/api/auth/session/{sid}/novnc/websock"
+    assert ctl.process is not None
+    results: dict[str, Any] = {}
+    for name, url, password, hdrs in (
+        ("websockify_direct", direct_url, guest["secrets"]["vnc_password"], None),
+        ("controller_proxy", proxied_url, None, headers),
+    ):
+        cpu_before = cpu_seconds(ctl.process.pid)
+        seconds, total = asyncio.run(pull_frames(url, password, hdrs, frames))
+        cpu = cpu_seconds(ctl.process.pid) - cpu_before
+        mib = total / 2**20
+        results[name] = {
+            "mib": round(mib, 1),
+            "seconds": round(seconds, 2),
+            "mib_per_second": round(mib / seconds, 1),
+            "controller_cpu_seconds_per_mib": round(cpu / mib, 4),
+        }
+    results["proxy_vs_direct"] = round(
+        results["controller_proxy"]["mib_per_second"]
+        / results["websockify_direct"]["mib_per_second"],
+        2,
+    )
+    ctl.request("POST", f"/api/auth/session/{sid}/cancel")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data-dir", type=Path, default=Path("/var/lib/master-controller-bench"))
+    parser.add_argument("--sessions", type=int, default=5)
+    parser.add_argument("--frames", type=int, default=40)
+    args = parser.parse_args()
+    settings = Settings(data_dir=args.data_dir, guest_network="10.213.208.0/20")
+    figures: dict[str, Any] = {
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "image": ensure_image(settings),
+    }
+    with (
+        tempfile.TemporaryDirectory() as work,
+        controller(
+            settings.data_dir,
+            f"sqlite:///{work}/mc.db",
+            Path(work),
+            guest_network=str(settings.guest_network),
+            max_sessions="3",
+        ) as ctl,
+    ):
+        figures.update(measure_sessions(ctl, args.sessions))
+        figures["throughput_raw_frames"] = measure_proxy(ctl, settings, args.frames)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
+    print(json.dumps(figures, indent=2))
+    print(f"saved to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
