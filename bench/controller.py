@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -23,6 +22,7 @@ from typing import Any
 import httpx
 from playwright.sync_api import sync_playwright
 
+from bench import summary
 from master_controller.images.builder import ImageBuilder
 from master_controller.images.recipe import Recipe
 from master_controller.images.store import ImageStore
@@ -69,14 +69,6 @@ async def pull_frames(
             frame = await client.frame()
             total += len(frame.pixels)
         return time.monotonic() - started, total
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {
-        "median": round(statistics.median(values), 2),
-        "min": round(min(values), 2),
-        "max": round(max(values), 2),
-    }
 
 
 def measure_sessions(ctl: Controller, count: int) -> dict[str, Any]:

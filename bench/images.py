@@ -12,13 +12,13 @@ import argparse
 import asyncio
 import json
 import secrets
-import statistics
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench import summary
 from master_controller.images.builder import ImageBuilder
 from master_controller.images.recipe import Recipe
 from master_controller.images.store import ImageStore
@@ -61,14 +61,6 @@ async def boot_once(runtime: ContainerRuntime, image_id: str) -> dict[str, float
         return {"websocket_101": ws101, "first_frame": time.monotonic() - started}
     finally:
         await runtime.destroy(guest)
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {
-        "median": round(statistics.median(values), 2),
-        "min": round(min(values), 2),
-        "max": round(max(values), 2),
-    }
 
 
 def main() -> None:

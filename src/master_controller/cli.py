@@ -6,7 +6,8 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,9 +43,14 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def _fail(exc: MCError) -> None:
-    err_console.print(f"[red]error:[/] {exc.reason}")
-    raise typer.Exit(code=1)
+@contextmanager
+def reported() -> Iterator[None]:
+    """Turn an MCError into its reason on stderr and exit status 1 (no traceback)."""
+    try:
+        yield
+    except MCError as exc:
+        err_console.print(f"[red]error:[/] {exc.reason}")
+        raise typer.Exit(code=1) from exc
 
 
 def _print_json(value: Any) -> None:
@@ -60,13 +66,10 @@ def image_build(
     """Build an image from a recipe into the content-addressed store."""
     settings = get_settings()
     steps = StepLog(display="plain") if as_json else StepLog.for_stream(sys.stderr)
-    try:
+    with reported():
         result = ImageBuilder(settings, steps).build(
             Recipe.load(recipe or settings.recipe), refresh_base=refresh
         )
-    except MCError as exc:
-        _fail(exc)
-        return
     if as_json:
         _print_json(
             {
@@ -95,14 +98,11 @@ def image_verify(
     """Check an image statically and by booting it; writes verify.json next to it."""
     settings = get_settings()
     steps = StepLog(display="plain") if as_json else StepLog.for_stream(sys.stderr)
-    try:
+    with reported():
         if vm:
             get_runtime("qemu", settings)
         runtime = None if static_only else get_runtime("container", settings)
         result = asyncio.run(Verifier(settings, runtime, steps).verify(image, boot=not static_only))
-    except MCError as exc:
-        _fail(exc)
-        return
     if as_json:
         _print_json(result)
     elif result["passed"]:
@@ -124,7 +124,7 @@ def image_ensure(
     settings = get_settings()
     steps = StepLog.for_stream(sys.stderr)
     store = ImageStore(settings.images_dir)
-    try:
+    with reported():
         built = ImageBuilder(settings, steps).build(Recipe.load(recipe or settings.recipe))
         info = store.get(built.image_id)
         if not info.verified:
@@ -139,31 +139,22 @@ def image_ensure(
                 raise typer.Exit(code=1)
         if store.current() != built.image_id:
             store.promote(built.image_id)
-    except MCError as exc:
-        _fail(exc)
-        return
     console.print(f"current image: [bold]{built.image_id}[/] (built, verified, promoted)")
 
 
 @image_app.command("promote")
 def image_promote(image: str = typer.Argument(..., help="Image id or unique prefix.")) -> None:
     """Make IMAGE current; refused unless that exact image passed verification."""
-    try:
+    with reported():
         image_id = ImageStore(get_settings().images_dir).promote(image)
-    except MCError as exc:
-        _fail(exc)
-        return
     console.print(f"image [bold]{image_id}[/] is now current")
 
 
 @image_app.command("rollback")
 def image_rollback() -> None:
     """Return to the image promoted before the current one."""
-    try:
+    with reported():
         image_id = ImageStore(get_settings().images_dir).rollback()
-    except MCError as exc:
-        _fail(exc)
-        return
     console.print(f"rolled back: image [bold]{image_id}[/] is current again")
 
 
@@ -174,14 +165,11 @@ def image_gc(
     """Delete images that are not current, not among the last KEEP promoted, not in use."""
     settings = get_settings()
     in_use = {g.image_id for rt in _all_runtimes(settings) for g in rt.guests()}
-    try:
+    with reported():
         removed = ImageStore(settings.images_dir).gc(
             settings.images_keep if keep is None else keep, in_use
         )
         layers = prune_layers(settings)
-    except MCError as exc:
-        _fail(exc)
-        return
     console.print(f"removed {len(removed)} image(s)" + "".join(f"\n  {i}" for i in removed))
     if layers:
         console.print(f"removed {len(layers)} cached base layer(s) no image uses")
@@ -190,11 +178,8 @@ def image_gc(
 @image_app.command("show")
 def image_show(image: str = typer.Argument("current")) -> None:
     """An image's manifest and verification result, as JSON."""
-    try:
+    with reported():
         info = ImageStore(get_settings().images_dir).get(image)
-    except MCError as exc:
-        _fail(exc)
-        return
     _print_json({"manifest": info.manifest, "verification": info.verification})
 
 
@@ -304,11 +289,8 @@ def apikey_create(
     scope: list[str] = typer.Option(["sessions"], help="Scopes: sessions, admin."),
 ) -> None:
     """Create an API key and print it once (only its digest is stored)."""
-    try:
+    with reported():
         key = _run_db(lambda db: create_api_key(db, name, tuple(scope)))
-    except MCError as exc:
-        _fail(exc)
-        return
     err_console.print(f"API key [bold]{name}[/] ({', '.join(scope)}); it is shown only now:")
     print(key)
 
@@ -344,11 +326,8 @@ def apikey_list(as_json: bool = typer.Option(False, "--json")) -> None:
 @apikey_app.command("revoke")
 def apikey_revoke(name: str) -> None:
     """Revoke an API key: it stops working at once."""
-    try:
+    with reported():
         _run_db(lambda db: revoke_api_key(db, name))
-    except MCError as exc:
-        _fail(exc)
-        return
     console.print(f"API key {name} revoked")
 
 
@@ -417,11 +396,8 @@ def session_start(
     api_key: str | None = typer.Option(None, help="Default: MC_API_KEY."),
 ) -> None:
     """Start a sign-in session through the running controller; prints the viewer link."""
-    try:
+    with reported():
         data = _api("POST", "/api/auth/start", api_key, {"userId": user, "provider": provider})
-    except MCError as exc:
-        _fail(exc)
-        return
     _print_json(data)
 
 
@@ -430,11 +406,8 @@ def session_cancel(
     session_id: str, api_key: str | None = typer.Option(None, help="Default: MC_API_KEY.")
 ) -> None:
     """Cancel a session through the running controller."""
-    try:
+    with reported():
         data = _api("POST", f"/api/auth/session/{session_id}/cancel", api_key)
-    except MCError as exc:
-        _fail(exc)
-        return
     console.print(f"session {session_id}: {data['status']} ({data['reason']})")
 
 

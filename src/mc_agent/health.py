@@ -19,9 +19,11 @@ SERVICES: dict[str, str] = {
 }
 
 
-def _run(argv: list[str], timeout: float = 5.0) -> str:
+def _run(argv: list[str], timeout: float = 5.0, env: dict[str, str] | None = None) -> str:
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, check=False, env=env
+        )
     except (OSError, subprocess.TimeoutExpired):
         return ""
     return done.stdout if done.returncode == 0 else ""
@@ -48,24 +50,10 @@ def package_version(package: str) -> str | None:
 def windows(display: str = DISPLAY) -> list[dict[str, str]]:
     """Top-level client windows the window manager knows about, with their class and title."""
     env = {**os.environ, "DISPLAY": display}
-    listing = subprocess.run(
-        ["xprop", "-root", "_NET_CLIENT_LIST"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=5,
-        check=False,
-    ).stdout
+    listing = _run(["xprop", "-root", "_NET_CLIENT_LIST"], env=env)
     result = []
     for wid in re.findall(r"0x[0-9a-f]+", listing):
-        props = subprocess.run(
-            ["xprop", "-id", wid, "WM_CLASS", "_NET_WM_NAME"],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=5,
-            check=False,
-        ).stdout
+        props = _run(["xprop", "-id", wid, "WM_CLASS", "_NET_WM_NAME"], env=env)
         wm_class = re.search(r'WM_CLASS\(STRING\) = "([^"]*)", "([^"]*)"', props)
         title = re.search(r'_NET_WM_NAME\(UTF8_STRING\) = "(.*)"', props)
         result.append(
@@ -84,10 +72,7 @@ def report() -> dict[str, Any]:
         state = service_state(unit)
         state["version"] = package_version(package) or ""
         services[unit.removesuffix(".service")] = state
-    try:
-        wins = windows()
-    except (OSError, subprocess.TimeoutExpired):
-        wins = []
+    wins = windows()
     down = [s["summary"] for s in services.values() if s["active"] != "active"]
     return {
         "status": "ok" if not down else "degraded",

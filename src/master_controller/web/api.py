@@ -34,12 +34,7 @@ async def session_view(svc: Services, row: SessionRow, with_events: bool = True)
     events: list[EventView] = []
     if with_events:
         async with svc.db.session() as db:
-            events = [
-                EventView(
-                    at=e.at, kind=e.kind, name=e.name, ok=e.ok, seconds=e.seconds, detail=e.detail
-                )
-                for e in await repo.events(db, row.id)
-            ]
+            events = [EventView.of(e) for e in await repo.events(db, row.id)]
     live = row.state in {s.value for s in ACTIVE}
     return SessionView(
         session_id=row.id,

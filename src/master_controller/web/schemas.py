@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from master_controller.store.models import EventRow
+
 Provider = Literal["claude_code", "codex", "gemini_cli"]
 USER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$"
 
@@ -37,6 +39,17 @@ class EventView(Camel):
     ok: bool
     seconds: float | None
     detail: str
+
+    @classmethod
+    def of(cls, row: EventRow) -> EventView:
+        return cls(
+            at=row.at,
+            kind=row.kind,
+            name=row.name,
+            ok=row.ok,
+            seconds=row.seconds,
+            detail=row.detail,
+        )
 
 
 class SessionView(Camel):

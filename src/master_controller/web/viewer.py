@@ -89,12 +89,7 @@ async def viewer_status(
         reason=row.reason,
         ready=State(row.state) in VIEWABLE,
         ended=State(row.state) in TERMINAL,
-        events=[
-            EventView(
-                at=e.at, kind=e.kind, name=e.name, ok=e.ok, seconds=e.seconds, detail=e.detail
-            )
-            for e in events
-        ],
+        events=[EventView.of(e) for e in events],
     )
 
 
