@@ -139,8 +139,10 @@ class ImageBuilder:
         with (self.settings.cache_dir / ".build.lock").open("w") as fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as exc:
-                raise BuildError("another image build is running on this data directory") from exc
+            except BlockingIOError:
+                # one build at a time per data dir; the next one reuses what it cached
+                with self.steps.step("wait for the build already running"):
+                    fcntl.flock(fh, fcntl.LOCK_EX)
             yield
 
     def _clear_staging(self) -> None:
