@@ -36,8 +36,8 @@ fi
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -f "$stamp" ]; then
     echo "setup: installing Python packages"
-    .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q -e '.[dev]'
+    .venv/bin/pip install -qq --upgrade pip
+    .venv/bin/pip install -qq -e '.[dev]'
     rm -f .venv/.installed-*
     touch "$stamp"
 fi

@@ -165,3 +165,30 @@ def test_viewer_reconnects_after_the_guest_vnc_drops(
     assert "display could not be reached" in page.locator("#message").inner_text()
     wait_for_state(page, ctl, "connected", 30)
     page.wait_for_function(f"({CANVAS_COLOURS})() > 50", timeout=30_000)
+
+
+def test_operator_page_starts_and_lists_sessions(ctl: Controller, page: Page) -> None:
+    page.goto(ctl.url + "/")
+    page.wait_for_function(
+        "document.getElementById('health').textContent.includes('Runtime container')"
+    )
+    assert "image " in page.locator("#health").inner_text()
+    page.fill("#key", ctl.keys["alice"])
+    page.click("#key-form button")
+    page.fill("#user", "operator-test")
+    page.select_option("#provider", "gemini_cli")
+    page.click("#start-form button")
+    row = page.locator("#sessions tr", has_text="operator-test")
+    row.wait_for(timeout=10_000)
+    assert "gemini_cli" in row.inner_text()
+    page.wait_for_function(
+        "[...document.querySelectorAll('#sessions tr')].some(r => r.textContent.includes('ready'))",
+        timeout=60_000,
+    )
+    assert page.locator("#error").inner_text() == ""
+    row.get_by_role("button", name="cancel").click()
+    page.wait_for_function(
+        "[...document.querySelectorAll('#sessions tr')]"
+        ".some(r => r.textContent.includes('terminated'))",
+        timeout=15_000,
+    )

@@ -43,11 +43,15 @@ function renderSteps(events) {
   }));
 }
 
+class Refused extends Error {}
+
 async function fetchStatus() {
   const response = await fetch(base + "/status", { cache: "no-store", credentials: "same-origin" });
   if (!response.ok) {
     const detail = await response.json().catch(() => ({}));
-    throw new Error(detail.error || `status ${response.status}`);
+    const message = detail.error || `status ${response.status}`;
+    // 4xx: this viewer may not see the session; 5xx: the controller has a problem, retry
+    throw response.status < 500 ? new Refused(message) : new Error(message);
   }
   return response.json();
 }
@@ -58,8 +62,14 @@ async function waitUntilReady() {
     try {
       status = await fetchStatus();
     } catch (error) {
-      show("refused", "Refused", String(error.message), true);
-      return;
+      if (error instanceof Refused) {
+        show("refused", "Refused", error.message, true);
+        return;
+      }
+      // the network or the controller hiccuped: keep trying
+      show("booting", "Waiting…", `Cannot reach the controller (${error.message}); retrying…`, true);
+      await new Promise((resolve) => setTimeout(resolve, 2000));
+      continue;
     }
     renderSteps(status.events);
     if (status.ended) {
@@ -106,4 +116,5 @@ function connect() {
   });
 }
 
+sessionStorage.removeItem("mc-viewer-reloads");
 waitUntilReady();
