@@ -9,6 +9,7 @@ between guest links: see :func:`ensure_isolation`).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,8 @@ class GuestLink:
 
     @classmethod
     def for_guest(cls, guest_id: str) -> GuestLink:
-        short = guest_id.replace("-", "")[:12]
+        """Names derived from the whole guest id (interface names allow 15 characters)."""
+        short = hashlib.sha256(guest_id.encode()).hexdigest()[:12]
         return cls(namespace=f"mc-{short}", host_ifname=f"mcv{short}")
 
     @property
@@ -50,6 +52,12 @@ def create(link: GuestLink, lease: Lease) -> None:
     """Create the namespace and veth pair and address both ends. Undoes itself on failure."""
     if link.exists():
         raise NetworkError(f"network of {link.namespace} exists already")
+    with IPRoute() as ipr:
+        if ipr.get_addr(address=lease.host_address):
+            raise NetworkError(
+                f"{lease.host_address} is already in use on this host (another data dir with "
+                "the same guest_network?)"
+            )
     try:
         netns.create(link.namespace)
         with IPRoute() as ipr:

@@ -171,9 +171,13 @@ class SessionManager:
             await self.transition(session_id, State.READY)
         except asyncio.CancelledError:
             raise
-        except (MCError, OSError) as exc:
+        except Exception as exc:
             await self._flush(session_id, records)
-            reason = exc.reason if isinstance(exc, MCError) else str(exc)
+            if isinstance(exc, MCError | OSError):
+                reason = exc.reason if isinstance(exc, MCError) else str(exc)
+            else:  # a bug: fail the session with a reason rather than leave it booting
+                log.exception("session %s: start failed unexpectedly", session_id)
+                reason = f"internal error ({type(exc).__name__}); see the controller's log"
             await self.end(session_id, State.FAILED, f"{step} did not come up: {reason}")
         finally:
             self._tasks.pop(session_id, None)
@@ -310,6 +314,12 @@ class SessionManager:
                 await self.end(
                     row.id, State.TERMINATED, f"no viewer for {self.settings.idle_timeout:.0f}s"
                 )
+            elif (
+                state in (State.PROVISIONING, State.BOOTING)
+                and row.id not in self._tasks
+                and now - row.created_at > timedelta(seconds=self.settings.boot_timeout + 30)
+            ):
+                await self.end(row.id, State.FAILED, "its start never finished")
             elif state in VIEWABLE and row.id not in self._tasks:
                 with contextlib.suppress(MCError):
                     if self.runtime.status(self.guest(row)) == GuestStatus.DEAD:
