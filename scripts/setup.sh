@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
     # images and the container runtime
     mmdebstrap debootstrap systemd-container e2fsprogs iproute2 nftables util-linux
+    qemu-system-x86 qemu-utils
     dpkg coreutils ca-certificates python3 python3-venv
     # tests: a real browser for the viewer tests, a real PostgreSQL for the store tests
     chromium fonts-dejavu-core postgresql

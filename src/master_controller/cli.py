@@ -22,7 +22,7 @@ from master_controller.images.builder import ImageBuilder, prune_layers
 from master_controller.images.recipe import Recipe
 from master_controller.images.store import ImageStore
 from master_controller.images.verify import Verifier
-from master_controller.runtimes import RUNTIMES, get_runtime, probe_all
+from master_controller.runtimes import RUNTIMES, best_runtime, get_runtime, probe_all
 from master_controller.runtimes.base import Runtime
 from master_controller.settings import Settings, get_settings
 from master_controller.steps import StepLog
@@ -222,7 +222,10 @@ def doctor(as_json: bool = typer.Option(False, "--json")) -> None:
     """What this host can run, which runtime is chosen and why, and the image store."""
     settings = get_settings()
     probes = probe_all(settings)
-    chosen = next((name for name, r in probes.items() if r.usable), None)
+    try:
+        chosen: str | None = best_runtime(settings).name
+    except MCError:
+        chosen = None
     store = ImageStore(settings.images_dir)
     report = {
         "dataDir": str(settings.data_dir),

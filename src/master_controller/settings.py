@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     images_keep: int = Field(
         3, ge=0, description="`image gc` keeps current plus this many other promoted images."
     )
+    vm_cpus: int = Field(2, ge=1, description="vCPUs of a VM guest.")
+    vm_memory_mib: int = Field(2048, ge=512, description="Memory of a VM guest (MiB).")
     host: str = Field("127.0.0.1", description="Address `serve` listens on.")
     port: int = Field(4000, ge=1, le=65535, description="Port `serve` listens on.")
     public_url: str | None = Field(

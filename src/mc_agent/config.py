@@ -9,10 +9,12 @@ the VNC password file (x11vnc), the agent's token, the hostname.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import re
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,9 @@ class GuestConfig:
     vnc_password: str
     agent_token: str
     hostname: str = "mc-guest"
+    # VMs configure their own NIC: "10.213.0.2/30"; containers get theirs from the host.
+    address: str | None = None
+    gateway: str | None = None
 
     @classmethod
     def from_json(cls, text: str) -> GuestConfig:
@@ -54,11 +59,21 @@ class GuestConfig:
         hostname = str(data.get("hostname", "mc-guest"))
         if not _HOSTNAME.match(hostname):
             raise ConfigError(f"invalid hostname {hostname!r}")
+        address, gateway = data.get("address"), data.get("gateway")
+        try:
+            if address is not None:
+                ipaddress.ip_interface(str(address))
+            if gateway is not None:
+                ipaddress.ip_address(str(gateway))
+        except ValueError as exc:
+            raise ConfigError(f"invalid network configuration: {exc}") from exc
         return cls(
             guest_id=str(data["guest_id"]),
             vnc_password=password,
             agent_token=str(data["agent_token"]),
             hostname=hostname,
+            address=None if address is None else str(address),
+            gateway=None if gateway is None else str(gateway),
         )
 
     def to_json(self) -> str:
@@ -70,13 +85,44 @@ def locate(mount_point: Path = MOUNT_POINT) -> Path:
     candidate = mount_point / CONFIG_NAME
     if candidate.is_file():
         return candidate
-    drive = Path("/dev/disk/by-label") / DRIVE_LABEL
-    if drive.exists():
-        mount_point.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mount", "-o", "ro", str(drive), str(mount_point)], check=True)
-        if candidate.is_file():
-            return candidate
+    # A VM's config drive: blkid reads the disks itself (udev may not have named them yet,
+    # and the virtio disk may still be probing), so look for a few seconds.
+    for _ in range(50):
+        found = subprocess.run(
+            ["blkid", "-L", DRIVE_LABEL], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        if found:
+            mount_point.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["mount", "-o", "ro", found, str(mount_point)], check=True)
+            if candidate.is_file():
+                return candidate
+            break
+        time.sleep(0.2)
     raise ConfigError(f"no guest configuration: neither {candidate} nor a drive {DRIVE_LABEL}")
+
+
+def configure_network(config: GuestConfig) -> None:
+    """Give the first Ethernet interface the configured address (VMs only: a container's
+    interface is addressed by the host before it boots)."""
+    if config.address is None:
+        return
+    shown = subprocess.run(
+        ["ip", "-o", "addr", "show"], capture_output=True, text=True, check=True
+    ).stdout
+    if config.address.split("/")[0] + "/" in shown:
+        return
+    links = subprocess.run(
+        ["ip", "-o", "link", "show"], capture_output=True, text=True, check=True
+    ).stdout
+    names = [line.split(": ")[1].split("@")[0] for line in links.splitlines()]
+    nic = next((n for n in names if n != "lo"), None)
+    if nic is None:
+        raise ConfigError("no network interface to configure")
+    subprocess.run(["ip", "addr", "add", config.address, "dev", nic], check=True)
+    subprocess.run(["ip", "link", "set", nic, "up"], check=True)
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    if config.gateway:
+        subprocess.run(["ip", "route", "replace", "default", "via", config.gateway], check=True)
 
 
 def _write_secret(path: Path, text: str, uid: int = 0, gid: int = 0) -> None:
@@ -97,6 +143,7 @@ def apply(config: GuestConfig, run_dir: Path = RUN_DIR) -> None:
     _write_secret(run_dir / "vncpasswd", config.vnc_password + "\n", browser.pw_uid, browser.pw_gid)
     _write_secret(run_dir / "agent-token", config.agent_token)
     (run_dir / "guest-id").write_text(config.guest_id + "\n")
+    configure_network(config)
     # a container may not be allowed to set its hostname; nothing depends on it
     with contextlib.suppress(OSError, subprocess.CalledProcessError):
         subprocess.run(["hostname", config.hostname], check=True, capture_output=True)

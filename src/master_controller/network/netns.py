@@ -21,6 +21,7 @@ from master_controller.network.ipam import Lease
 
 NETNS_DIR = Path("/run/netns")
 GUEST_IFNAME = "eth0"
+BRIDGE = "br0"
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,11 @@ def _link_index(ifname: str) -> int | None:
     return found[0] if found else None
 
 
-def create(link: GuestLink, lease: Lease) -> None:
-    """Create the namespace and veth pair and address both ends. Undoes itself on failure."""
+def create(link: GuestLink, lease: Lease, tap: str | None = None) -> None:
+    """Create the namespace and veth pair and address both ends. Undoes itself on failure.
+
+    With ``tap`` (VMs): the namespace's end is bridged with a tap device of that name
+    instead of being addressed; the VM puts the guest address on its own NIC."""
     if link.exists():
         raise NetworkError(f"network of {link.namespace} exists already")
     with IPRoute() as ipr:
@@ -74,8 +78,17 @@ def create(link: GuestLink, lease: Lease) -> None:
             for ifname in ("lo", GUEST_IFNAME):
                 ns.link("set", index=ns.link_lookup(ifname=ifname)[0], state="up")
             index = ns.link_lookup(ifname=GUEST_IFNAME)[0]
-            ns.addr("add", index=index, address=lease.guest_address, prefixlen=lease.prefixlen)
-            ns.route("add", dst="default", gateway=lease.host_address)
+            if tap is None:
+                ns.addr("add", index=index, address=lease.guest_address, prefixlen=lease.prefixlen)
+                ns.route("add", dst="default", gateway=lease.host_address)
+            else:
+                ns.link("add", ifname=tap, kind="tuntap", mode="tap")
+                ns.link("add", ifname=BRIDGE, kind="bridge")
+                bridge = ns.link_lookup(ifname=BRIDGE)[0]
+                for port in (GUEST_IFNAME, tap):
+                    ns.link("set", index=ns.link_lookup(ifname=port)[0], master=bridge)
+                    ns.link("set", index=ns.link_lookup(ifname=port)[0], state="up")
+                ns.link("set", index=bridge, state="up")
     except (NetlinkError, OSError) as exc:
         remove(link)
         raise NetworkError(f"creating network {link.namespace}: {exc}") from exc
@@ -98,10 +111,10 @@ def remove(link: GuestLink) -> None:
             raise NetworkError(f"removing namespace {link.namespace}: {exc}") from exc
 
 
-async def acreate(link: GuestLink, lease: Lease) -> None:
+async def acreate(link: GuestLink, lease: Lease, tap: str | None = None) -> None:
     """:func:`create` from async code. (pyroute2's synchronous sockets run an event loop of
     their own, so they run in a worker thread.)"""
-    await asyncio.to_thread(create, link, lease)
+    await asyncio.to_thread(create, link, lease, tap)
 
 
 async def aremove(link: GuestLink) -> None:

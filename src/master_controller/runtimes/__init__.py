@@ -5,17 +5,18 @@ from __future__ import annotations
 from master_controller.errors import ConfigError, RuntimeUnavailable
 from master_controller.runtimes.base import ProbeResult, Runtime
 from master_controller.runtimes.container import ContainerRuntime
+from master_controller.runtimes.qemu import QemuRuntime
 from master_controller.settings import Settings
 
 RUNTIMES: dict[str, type[Runtime]] = {
     ContainerRuntime.name: ContainerRuntime,
+    QemuRuntime.name: QemuRuntime,
 }
 
 # Best isolation first; the first whose probe passes is the default.
 PREFERENCE = ("firecracker", "qemu", "container")
 PLANNED = {
     "firecracker": "the Firecracker runtime is not implemented yet",
-    "qemu": "the QEMU runtime is not implemented yet",
 }
 
 
@@ -38,7 +39,11 @@ def get_runtime(name: str, settings: Settings) -> Runtime:
 
 
 def best_runtime(settings: Settings) -> Runtime:
-    for name, result in probe_all(settings).items():
-        if result.usable:
-            return RUNTIMES[name](settings)
+    """The first usable runtime in order of isolation, skipping slow fallbacks (QEMU without
+    KVM) while a faster runtime is usable."""
+    probes = probe_all(settings)
+    usable = [n for n, r in probes.items() if r.usable]
+    preferred = [n for n in usable if not probes[n].fallback_only]
+    for name in preferred or usable:
+        return RUNTIMES[name](settings)
     raise RuntimeUnavailable("no runtime can run on this host; run `master-controller doctor`")

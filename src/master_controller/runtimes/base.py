@@ -52,6 +52,8 @@ class ProbeResult:
 
     usable: bool
     reason: str
+    # usable, but only when asked for by name: `auto` prefers others (QEMU without KVM)
+    fallback_only: bool = False
 
 
 @dataclass(frozen=True)

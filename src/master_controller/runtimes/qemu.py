@@ -1,0 +1,233 @@
+"""The QEMU runtime: a microVM per guest, booted from the image's kernel, initrd and disk.
+
+Per guest: a qcow2 overlay backed by the image's ext4 (megabytes, never a copy), a small
+ext4 config drive labelled MCCONFIG carrying guest.json, and a network namespace in which
+the VM's tap device is bridged with the veth to the host. QEMU runs in that namespace, in a
+session of its own, with its QMP socket in the guest's folder.
+
+Acceleration: TCG. (On the machines we develop on /dev/kvm opens but stock guest kernels die
+under it, so KVM must be proven by a probe boot before it is used; that probe is not built
+yet, and neither are hibernate and resume.)
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from contextlib import AsyncExitStack, ExitStack
+from pathlib import Path
+
+from master_controller.errors import (
+    CommandError,
+    GuestStartFailed,
+    GuestStateError,
+    MCError,
+    RuntimeUnavailable,
+)
+from master_controller.images.store import ImageStore
+from master_controller.network import firewall, netns
+from master_controller.network.ipam import AddressAllocator
+from master_controller.network.netns import GuestLink
+from master_controller.proc import run
+from master_controller.process import ProcessRef, spawn
+from master_controller.runtimes.base import (
+    GuestSecrets,
+    GuestState,
+    GuestStatus,
+    ProbeResult,
+    Runtime,
+)
+from master_controller.settings import Settings
+from master_controller.steps import StepLog
+from mc_agent.config import CONFIG_NAME, DRIVE_LABEL, GuestConfig
+
+QEMU = "qemu-system-x86_64"
+TAP = "tap0"
+CONFIG_DRIVE_MIB = 8
+
+
+class QemuRuntime(Runtime):
+    name = "qemu"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.images = ImageStore(settings.images_dir)
+        self.addresses = AddressAllocator(
+            settings.guest_network, settings.data_dir / "network" / "leases.json"
+        )
+
+    @classmethod
+    def probe(cls, settings: Settings) -> ProbeResult:
+        missing = [t for t in (QEMU, "qemu-img", "mkfs.ext4", "nft") if shutil.which(t) is None]
+        if missing:
+            return ProbeResult(False, f"not installed: {', '.join(missing)} (qemu-system-x86)")
+        return ProbeResult(
+            True,
+            "QEMU with TCG (software emulation; KVM is not used until a probe boot proves it)",
+            fallback_only=True,
+        )
+
+    async def create(
+        self, guest_id: str, image_id: str, secrets: GuestSecrets, steps: StepLog | None = None
+    ) -> GuestState:
+        steps = steps or StepLog()
+        image = self.images.get(image_id)
+        folder = self.guest_dir(guest_id)
+        if folder.exists():
+            raise GuestStateError(f"guest {guest_id} exists already")
+        with ExitStack() as undo:
+            with steps.step("allocate"):
+                folder.mkdir(parents=True)
+                undo.callback(shutil.rmtree, folder, True)
+                lease = self.addresses.allocate(guest_id)
+                undo.callback(self.addresses.release, guest_id)
+            with steps.step("disk layer"):
+                _make_overlay(image.disk, folder / "disk.qcow2")
+            with steps.step("config drive"):
+                config = GuestConfig(
+                    guest_id=guest_id,
+                    vnc_password=secrets.vnc_password,
+                    agent_token=secrets.agent_token,
+                    address=f"{lease.guest_address}/{lease.prefixlen}",
+                    gateway=lease.host_address,
+                )
+                _make_config_drive(config, folder)
+            link = GuestLink.for_guest(guest_id)
+            guest = GuestState(
+                guest_id=guest_id,
+                runtime=self.name,
+                image_id=image.id,
+                address=lease.guest_address,
+                secrets=secrets,
+                resources={
+                    "lease": lease.index,
+                    "namespace": link.namespace,
+                    "host_ifname": link.host_ifname,
+                    "kernel": str(image.path / "vmlinuz"),
+                    "initrd": str(image.path / "initrd.img"),
+                },
+            )
+            self.save(guest)
+            undo.pop_all()
+        return guest
+
+    async def start(self, guest: GuestState, steps: StepLog | None = None) -> None:
+        if guest.status not in (GuestStatus.CREATED, GuestStatus.STOPPED, GuestStatus.DEAD):
+            raise GuestStateError(f"guest {guest.guest_id} is {guest.status}, cannot start")
+        steps = steps or StepLog()
+        folder = self.guest_dir(guest.guest_id)
+        link = _link(guest)
+        lease = self.addresses.allocate(guest.guest_id)
+        step = "network"
+        try:
+            async with AsyncExitStack() as undo:
+                with steps.step(step):
+                    firewall.ensure_isolation()
+                    if await netns.aexists(link):
+                        await netns.aremove(link)
+                    await netns.acreate(link, lease, tap=TAP)
+                    undo.push_async_callback(netns.aremove, link)
+                step = "boot"
+                with steps.step(step):
+                    (folder / "console.log").unlink(missing_ok=True)
+                    process = spawn(
+                        ["ip", "netns", "exec", link.namespace, *self._argv(guest, folder)],
+                        folder / "qemu.log",
+                    )
+                    undo.callback(process.signal, signal.SIGKILL)
+                    if await process.wait(0.5):
+                        log = (folder / "qemu.log").read_text(errors="replace")[-500:]
+                        raise GuestStartFailed("boot", f"QEMU exited at once: {log}")
+                    guest.resources["process"] = process.model_dump()
+                guest.status = GuestStatus.RUNNING
+                guest.reason = ""
+                self.save(guest)
+                undo.pop_all()
+        except (MCError, OSError) as exc:
+            reason = exc.reason if isinstance(exc, MCError) else str(exc)
+            guest.status = GuestStatus.STOPPED
+            guest.reason = reason
+            guest.resources.pop("process", None)
+            self.save(guest)
+            raise GuestStartFailed(step, reason) from exc
+
+    def _argv(self, guest: GuestState, folder: Path) -> list[str]:
+        return [
+            QEMU,
+            "-name", f"mc-{guest.guest_id[:40]}",
+            "-machine", "q35,accel=tcg",
+            "-cpu", "max",
+            "-smp", str(self.settings.vm_cpus),
+            "-m", str(self.settings.vm_memory_mib),
+            "-nodefaults", "-no-user-config", "-display", "none",
+            "-serial", f"file:{folder / 'console.log'}",
+            "-kernel", guest.resources["kernel"],
+            "-initrd", guest.resources["initrd"],
+            "-append", "root=/dev/vda rw console=ttyS0 quiet",
+            "-drive", f"file={folder / 'disk.qcow2'},if=virtio,format=qcow2",
+            "-drive", f"file={folder / 'config.img'},if=virtio,format=raw,readonly=on",
+            "-netdev", f"tap,id=net0,ifname={TAP},script=no,downscript=no",
+            "-device", "virtio-net-pci,netdev=net0",
+            "-qmp", f"unix:{folder / 'qmp.sock'},server=on,wait=off",
+        ]  # fmt: skip
+
+    async def stop(self, guest: GuestState) -> None:
+        await self._shutdown(guest)
+        guest.status = GuestStatus.STOPPED
+        self.save(guest)
+
+    async def hibernate(self, guest: GuestState) -> None:
+        raise RuntimeUnavailable("hibernating QEMU guests is not built yet")
+
+    async def resume(self, guest: GuestState, steps: StepLog | None = None) -> None:
+        raise RuntimeUnavailable("resuming QEMU guests is not built yet")
+
+    async def destroy(self, guest: GuestState) -> None:
+        await self._shutdown(guest)
+        self.addresses.release(guest.guest_id)
+        shutil.rmtree(self.guest_dir(guest.guest_id), ignore_errors=True)
+        guest.status = GuestStatus.DESTROYED
+
+    def status(self, guest: GuestState) -> GuestStatus:
+        if guest.status == GuestStatus.RUNNING:
+            data = guest.resources.get("process")
+            if not data or not ProcessRef.model_validate(data).alive():
+                return GuestStatus.DEAD
+        return guest.status
+
+    async def _shutdown(self, guest: GuestState) -> None:
+        """Stop the VMM (its disk overlay stays), then remove the guest's network."""
+        data = guest.resources.pop("process", None)
+        if data:
+            process = ProcessRef.model_validate(data)
+            if process.signal(signal.SIGTERM) and not await process.wait(5):
+                process.signal(signal.SIGKILL)
+                await process.wait(5)
+        await netns.aremove(_link(guest))
+
+
+def _link(guest: GuestState) -> GuestLink:
+    return GuestLink(
+        namespace=guest.resources["namespace"], host_ifname=guest.resources["host_ifname"]
+    )
+
+
+def _make_overlay(backing: Path, overlay: Path) -> None:
+    try:
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", "raw", overlay])
+    except CommandError as exc:
+        raise GuestStartFailed("disk layer", exc.reason) from exc
+
+
+def _make_config_drive(config: GuestConfig, folder: Path) -> None:
+    source = folder / "config"
+    source.mkdir()
+    (source / CONFIG_NAME).write_text(config.to_json())
+    (source / CONFIG_NAME).chmod(0o600)
+    drive = folder / "config.img"
+    with drive.open("wb") as fh:
+        fh.truncate(CONFIG_DRIVE_MIB * 2**20)
+    try:
+        run(["mkfs.ext4", "-q", "-F", "-L", DRIVE_LABEL, "-d", source, drive])
+    except CommandError as exc:
+        raise GuestStartFailed("config drive", exc.reason) from exc
