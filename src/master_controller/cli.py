@@ -99,10 +99,10 @@ def image_verify(
     settings = get_settings()
     steps = StepLog(display="plain") if as_json else StepLog.for_stream(sys.stderr)
     with reported():
-        if vm:
-            get_runtime("qemu", settings)
+        vms = (get_runtime("qemu", settings),) if vm and not static_only else ()
         runtime = None if static_only else get_runtime("container", settings)
-        result = asyncio.run(Verifier(settings, runtime, steps).verify(image, boot=not static_only))
+        verifier = Verifier(settings, runtime, steps, more_runtimes=vms)
+        result = asyncio.run(verifier.verify(image, boot=not static_only))
     if as_json:
         _print_json(result)
     elif result["passed"]:

@@ -26,7 +26,9 @@ class HostSnapshot:
                 name = stat.read_text().strip()
             except OSError:
                 continue
-            if name in {"systemd-nspawn", "Xvfb", "x11vnc", "chromium", "websockify"}:
+            if name in {"systemd-nspawn", "Xvfb", "x11vnc", "chromium", "websockify"} or (
+                name.startswith("qemu-system")
+            ):
                 procs.add(f"{stat.parent.name}:{name}")
         mounts = {line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()}
         links = {p.name for p in Path("/sys/class/net").iterdir()}

@@ -43,11 +43,17 @@ T = TypeVar("T")
 
 class Verifier:
     def __init__(
-        self, settings: Settings, runtime: Runtime | None, steps: StepLog | None = None
+        self,
+        settings: Settings,
+        runtime: Runtime | None,
+        steps: StepLog | None = None,
+        more_runtimes: tuple[Runtime, ...] = (),
     ) -> None:
+        """Boot checks run in ``runtime`` and then in each of ``more_runtimes`` (QEMU with
+        ``--vm``); checks of the extra runtimes carry its name, e.g. "agent health (qemu)"."""
         self.settings = settings
         self.store = ImageStore(settings.images_dir)
-        self.runtime = runtime
+        self.runtimes = ([runtime] if runtime else []) + list(more_runtimes)
         self.steps = steps or StepLog()
 
     async def verify(self, ref: str, boot: bool = True) -> dict[str, Any]:
@@ -59,13 +65,17 @@ class Verifier:
         self._static(info)
         timings: dict[str, float] = {}
         if boot:
-            if self.runtime is None:
+            if not self.runtimes:
                 raise VerificationFailed("boot checks need a runtime")
             # An image that failed static checks cannot be promoted; its boot checks still
             # run, to show what a guest would do, but are not worth a full boot timeout.
             static_failed = any(not r.ok for r in self.steps.records)
             timeout = min(self.settings.boot_timeout, 30.0) if static_failed else None
-            await self._boot(info, timings, timeout or self.settings.boot_timeout)
+            for index, runtime in enumerate(self.runtimes):
+                suffix = "" if index == 0 else f" ({runtime.name})"
+                await self._boot(
+                    info, runtime, suffix, timings, timeout or self.settings.boot_timeout
+                )
         records = self.steps.records
         failures = [f"{r.name}: {r.detail}" for r in records if not r.ok]
         result = {
@@ -73,7 +83,7 @@ class Verifier:
             "manifest_sha256": file_digest(info.path / "manifest.json"),
             "passed": not failures,
             "boot_checked": boot,
-            "runtime": self.runtime.name if boot and self.runtime else None,
+            "runtimes": [r.name for r in self.runtimes] if boot else [],
             "verified_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "seconds": round(time.monotonic() - started, 2),
             "checks": [r.as_dict() for r in records],
@@ -171,9 +181,14 @@ class Verifier:
 
     # --- boot -----------------------------------------------------------------------------
 
-    async def _boot(self, info: ImageInfo, timings: dict[str, float], timeout: float) -> None:
-        assert self.runtime is not None
-        runtime = self.runtime
+    async def _boot(
+        self,
+        info: ImageInfo,
+        runtime: Runtime,
+        suffix: str,
+        timings: dict[str, float],
+        timeout: float,
+    ) -> None:
         guest_secrets = GuestSecrets(
             vnc_password=secrets.token_urlsafe(6)[:8], agent_token=secrets.token_urlsafe(24)
         )
@@ -189,14 +204,17 @@ class Verifier:
         try:
             if not await self._acheck(f"boot in {runtime.name}", boot) or guest is None:
                 for name in BOOT_CHECKS:
-                    self.steps.records.append(StepRecord(name, ok=False, detail="skipped: no boot"))
+                    self.steps.records.append(
+                        StepRecord(name + suffix, ok=False, detail="skipped: no boot")
+                    )
                 return
-            checks = BootChecks(runtime, guest, timeout, info.path / SCREENSHOT, timings)
+            shot = info.path / (SCREENSHOT if not suffix else f"screenshot-{runtime.name}.png")
+            checks = BootChecks(runtime, guest, timeout, shot, timings, prefix=runtime.name)
             for name in BOOT_CHECKS:
-                await self._acheck(name, getattr(checks, BOOT_CHECKS[name]))
+                await self._acheck(name + suffix, getattr(checks, BOOT_CHECKS[name]))
         finally:
             if guest is not None:
-                with self.steps.step("clean up guest"):
+                with self.steps.step("clean up guest" + suffix):
                     await runtime.destroy(guest)
 
 
@@ -220,6 +238,7 @@ class BootChecks:
         timeout: float,
         screenshot: Path,
         timings: dict[str, float],
+        prefix: str = "",
     ) -> None:
         self.runtime = runtime
         self.guest = guest
@@ -230,6 +249,7 @@ class BootChecks:
         self.deadline = self.started + timeout
         self.screenshot = screenshot
         self.timings = timings
+        self.prefix = f"{prefix} " if prefix else ""
         self.give_up = guest_give_up(runtime, guest)
 
     async def _poll(self, check: Callable[[], Awaitable[T]]) -> T:
@@ -239,7 +259,7 @@ class BootChecks:
         answer = await self._poll(
             lambda: websocket_upgrade(self.endpoint.address, self.endpoint.websockify_port)
         )
-        self.timings["start_to_websocket_101"] = time.monotonic() - self.started
+        self.timings[self.prefix + "start_to_websocket_101"] = time.monotonic() - self.started
         record.detail = f"101, accept {answer['accept']}"
 
     async def rfb_handshake(self, record: StepRecord) -> None:
@@ -257,7 +277,7 @@ class BootChecks:
         shot = await self._poll(
             lambda: non_blank_frame(self.endpoint.websocket_url, self.password, self.deadline)
         )
-        self.timings["start_to_first_frame"] = time.monotonic() - self.started
+        self.timings[self.prefix + "start_to_first_frame"] = time.monotonic() - self.started
         colours, dominant = shot.stats()
         self.screenshot.write_bytes(shot.png())
         record.detail = f"{colours} colours, largest {dominant:.0%}; saved {self.screenshot.name}"
