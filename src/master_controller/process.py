@@ -30,7 +30,10 @@ class ProcessRef(BaseModel):
 
     def alive(self) -> bool:
         child = _children.get(self.pid)
-        if child is not None and child.poll() is not None:
+        if child is not None and start_ticks(self.pid) == self.start_ticks:
+            # our own child: only waitpid tells (and reaps it, so no zombie stays behind)
+            if child.poll() is None:
+                return True
             del _children[self.pid]
             return False
         return start_ticks(self.pid) == self.start_ticks and not _is_zombie(self.pid)

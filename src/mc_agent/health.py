@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from pathlib import Path
 from typing import Any
 
 DISPLAY = ":1"
@@ -75,6 +76,7 @@ def report() -> dict[str, Any]:
     wins = windows()
     down = [s["summary"] for s in services.values() if s["active"] != "active"]
     return {
+        "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
         "status": "ok" if not down else "degraded",
         "problems": down,
         "services": services,

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from mc_agent import AGENT_PORT, health
+from mc_agent import AGENT_PORT, browser, health
 
 TOKEN_FILE = Path("/run/mc/agent-token")
 
@@ -30,6 +30,24 @@ class AgentHandler(BaseHTTPRequestHandler):
         header = self.headers.get("Authorization", "")
         scheme, _, value = header.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(value.encode(), self.token)
+
+    def do_POST(self) -> None:
+        if not self._authorized():
+            self._send(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong agent token"})
+            return
+        if self.path != "/open-url":
+            self._send(HTTPStatus.NOT_FOUND, {"error": f"no route {self.path}"})
+            return
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+            if length > browser.MAX_URL + 100:
+                raise ValueError("request too large")
+            body = json.loads(self.rfile.read(length) or b"{}")
+            url = browser.open_url(str(body.get("url", "")))
+        except ValueError as exc:
+            self._send(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+            return
+        self._send(HTTPStatus.OK, {"opened": url})
 
     def do_GET(self) -> None:
         if not self._authorized():

@@ -5,24 +5,32 @@ ext4 config drive labelled MCCONFIG carrying guest.json, and a network namespace
 the VM's tap device is bridged with the veth to the host. QEMU runs in that namespace, in a
 session of its own, with its QMP socket in the guest's folder.
 
+Hibernate pauses the VM and migrates its memory and device state to a file next to the disk
+overlay (QMP), then stops QEMU; resume starts QEMU with ``-incoming`` from that file.
+
 Acceleration: TCG. (On the machines we develop on /dev/kvm opens but stock guest kernels die
 under it, so KVM must be proven by a probe boot before it is used; that probe is not built
-yet, and neither are hibernate and resume.)
+yet.)
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import shlex
 import shutil
 import signal
+import time
 from contextlib import AsyncExitStack, ExitStack
 from pathlib import Path
 
 from master_controller.errors import (
     CommandError,
+    GuestError,
     GuestStartFailed,
     GuestStateError,
     MCError,
-    RuntimeUnavailable,
 )
 from master_controller.images.store import ImageStore
 from master_controller.network import firewall, netns
@@ -37,6 +45,7 @@ from master_controller.runtimes.base import (
     ProbeResult,
     Runtime,
 )
+from master_controller.runtimes.qmp import Qmp
 from master_controller.settings import Settings
 from master_controller.steps import StepLog
 from mc_agent.config import CONFIG_NAME, DRIVE_LABEL, GuestConfig
@@ -44,6 +53,7 @@ from mc_agent.config import CONFIG_NAME, DRIVE_LABEL, GuestConfig
 QEMU = "qemu-system-x86_64"
 TAP = "tap0"
 CONFIG_DRIVE_MIB = 8
+STATE_FILE = "memory.state"
 
 
 class QemuRuntime(Runtime):
@@ -114,7 +124,10 @@ class QemuRuntime(Runtime):
     async def start(self, guest: GuestState, steps: StepLog | None = None) -> None:
         if guest.status not in (GuestStatus.CREATED, GuestStatus.STOPPED, GuestStatus.DEAD):
             raise GuestStateError(f"guest {guest.guest_id} is {guest.status}, cannot start")
-        steps = steps or StepLog()
+        await self._launch(guest, steps or StepLog(), incoming=None)
+
+    async def _launch(self, guest: GuestState, steps: StepLog, incoming: Path | None) -> None:
+        """Network, then QEMU: a fresh boot, or (``incoming``) a restore of saved state."""
         folder = self.guest_dir(guest.guest_id)
         link = _link(guest)
         lease = self.addresses.allocate(guest.guest_id)
@@ -123,22 +136,29 @@ class QemuRuntime(Runtime):
             async with AsyncExitStack() as undo:
                 with steps.step(step):
                     firewall.ensure_isolation()
-                    if await netns.aexists(link):
+                    exists = await netns.aexists(link)
+                    if exists and incoming is None:  # left by a guest that died
                         await netns.aremove(link)
-                    await netns.acreate(link, lease, tap=TAP)
+                    if not exists or incoming is None:
+                        await netns.acreate(link, lease, tap=TAP)
                     undo.push_async_callback(netns.aremove, link)
-                step = "boot"
+                step = "boot" if incoming is None else "restore"
                 with steps.step(step):
-                    (folder / "console.log").unlink(missing_ok=True)
+                    argv = self._argv(guest, folder)
+                    if incoming is not None:
+                        argv += ["-incoming", f"exec:cat {shlex.quote(str(incoming))}"]
+                    else:
+                        (folder / "console.log").unlink(missing_ok=True)
                     process = spawn(
-                        ["ip", "netns", "exec", link.namespace, *self._argv(guest, folder)],
-                        folder / "qemu.log",
+                        ["ip", "netns", "exec", link.namespace, *argv], folder / "qemu.log"
                     )
                     undo.callback(process.signal, signal.SIGKILL)
                     if await process.wait(0.5):
                         log = (folder / "qemu.log").read_text(errors="replace")[-500:]
-                        raise GuestStartFailed("boot", f"QEMU exited at once: {log}")
+                        raise GuestStartFailed(step, f"QEMU exited at once: {log}")
                     guest.resources["process"] = process.model_dump()
+                    if incoming is not None:
+                        await self._continue_after_restore(folder)
                 guest.status = GuestStatus.RUNNING
                 guest.reason = ""
                 self.save(guest)
@@ -177,10 +197,54 @@ class QemuRuntime(Runtime):
         self.save(guest)
 
     async def hibernate(self, guest: GuestState) -> None:
-        raise RuntimeUnavailable("hibernating QEMU guests is not built yet")
+        """Pause, save memory and device state next to the disk overlay, stop QEMU. The
+        guest's network (and so its address and link) stays for the resume."""
+        if self.status(guest) != GuestStatus.RUNNING:
+            raise GuestStateError(f"guest {guest.guest_id} is {guest.status}, not running")
+        folder = self.guest_dir(guest.guest_id)
+        state = folder / STATE_FILE
+        started = time.monotonic()
+        async with Qmp(folder / "qmp.sock") as qmp:
+            await qmp.command("stop")
+            await qmp.command("migrate-set-parameters", **{"max-bandwidth": 8 * 2**30})
+            await qmp.command("migrate", uri=f"exec:cat > {shlex.quote(str(state))}")
+            report = await qmp.wait_migration(timeout=300)
+            if report.get("status") != "completed":
+                await qmp.command("cont")
+                raise GuestError(f"saving the guest failed: {report.get('error-desc', report)}")
+            await qmp.command("quit")
+        process = ProcessRef.model_validate(guest.resources.pop("process"))
+        if not await process.wait(10):
+            process.signal(signal.SIGKILL)
+            await process.wait(5)
+        guest.resources["snapshot"] = {
+            "file": str(state),
+            "bytes": state.stat().st_size,
+            "seconds": round(time.monotonic() - started, 2),
+        }
+        guest.status = GuestStatus.HIBERNATED
+        self.save(guest)
 
     async def resume(self, guest: GuestState, steps: StepLog | None = None) -> None:
-        raise RuntimeUnavailable("resuming QEMU guests is not built yet")
+        """Start QEMU from the saved state (``-incoming``) and let the guest run on."""
+        if guest.status != GuestStatus.HIBERNATED:
+            raise GuestStateError(f"guest {guest.guest_id} is {guest.status}, not hibernated")
+        state = Path(guest.resources["snapshot"]["file"])
+        await self._launch(guest, steps or StepLog(), incoming=state)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(state)
+        guest.resources.pop("snapshot", None)
+        self.save(guest)
+
+    async def _continue_after_restore(self, folder: Path) -> None:
+        async with Qmp(folder / "qmp.sock", timeout=60) as qmp:
+            deadline = time.monotonic() + 300
+            while (status := await qmp.status()) in ("inmigrate", "restore-vm"):
+                if time.monotonic() > deadline:
+                    raise GuestError("restoring the guest's memory took over 300s")
+                await asyncio.sleep(0.05)
+            if status != "running":
+                await qmp.command("cont")
 
     async def destroy(self, guest: GuestState) -> None:
         await self._shutdown(guest)
@@ -197,6 +261,7 @@ class QemuRuntime(Runtime):
 
     async def _shutdown(self, guest: GuestState) -> None:
         """Stop the VMM (its disk overlay stays), then remove the guest's network."""
+        guest.resources.pop("snapshot", None)
         data = guest.resources.pop("process", None)
         if data:
             process = ProcessRef.model_validate(data)
