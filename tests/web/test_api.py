@@ -283,3 +283,30 @@ def test_cli_sessions(ctl: Controller) -> None:
     assert all("key" not in k for k in keys)
     assert ctl.cli("apikey", "revoke", "bob").returncode == 0
     assert ctl.request("GET", "/api/auth/sessions", key="bob").status_code == 401
+
+
+def test_hibernate_and_resume_through_the_api(ctl: Controller) -> None:
+    body = ctl.request(
+        "POST", "/api/auth/start", json={"userId": "sleepy", "provider": "codex"}
+    ).json()
+    sid = body["sessionId"]
+    assert ctl.wait_for(sid, {"ready", "failed"})["status"] == "ready"
+    assert ctl.request("POST", f"/api/auth/session/{sid}/resume").status_code == 409
+
+    hibernated = ctl.request("POST", "/api/users/sleepy/vm/hibernate")
+    assert hibernated.status_code == 200 and hibernated.json()["status"] == "hibernated"
+    vms = ctl.request("GET", "/api/vms").json()
+    assert [(v["sessionId"], v["status"], v["sessionStatus"]) for v in vms] == [
+        (sid, "hibernated", "hibernated")
+    ]
+    assert ctl.request("GET", "/api/health", key=None).json()["capacity"]["active"] == 0
+    assert ctl.request("POST", "/api/users/sleepy/vm/hibernate").status_code == 404
+    assert ctl.request("POST", "/api/users/sleepy/vm/resume", key="bob").status_code == 404
+
+    resumed = ctl.request("POST", f"/api/auth/session/{sid}/resume").json()
+    assert resumed["status"] == "resuming"
+    session = ctl.wait_for(sid, {"ready", "failed"})
+    assert session["status"] == "ready", session["reason"]
+    states = [e["name"] for e in session["events"] if e["kind"] == "state"]
+    assert states[-4:] == ["hibernating", "hibernated", "resuming", "ready"]
+    ctl.request("POST", f"/api/auth/session/{sid}/cancel")

@@ -41,7 +41,7 @@ from master_controller.store import repo
 from master_controller.store.database import Database
 from master_controller.store.models import SessionRow, utcnow
 from master_controller.web.metrics import STEP_SECONDS
-from master_controller.web.proxy import SESSION_ENDED, ViewerRegistry
+from master_controller.web.proxy import SESSION_ENDED, SESSION_HIBERNATED, ViewerRegistry
 
 log = logging.getLogger("master_controller.sessions")
 T = TypeVar("T")
@@ -140,7 +140,6 @@ class SessionManager:
     async def _boot(self, row: SessionRow) -> None:
         session_id = row.id
         started = time.monotonic()
-        deadline = started + self.settings.boot_timeout
         records: list[StepRecord] = []
         steps = StepLog(on_record=records.append)
         guest: GuestState | None = None
@@ -158,16 +157,8 @@ class SessionManager:
             step = "boot"
             await self.runtime.start(guest, steps)
             await self._flush(session_id, records)
-            give_up = guest_give_up(self.runtime, guest)
-            url, headers = self.internal_viewer(session_id)
-            host, port = self.internal_address()
-            checks: dict[str, Callable[[], Awaitable[object]]] = {
-                "websocket 101": lambda: websocket_upgrade(host, port, _path(url), headers=headers),
-                "vnc handshake": lambda: rfb_handshake(url, None, headers),
-                "first frame": lambda: non_blank_frame(url, None, deadline, headers),
-            }
-            for step, check in checks.items():
-                await self._timed_step(session_id, step, check, deadline, give_up)
+            step = "the viewer path"
+            await self._await_viewer_path(session_id, guest, started)
             await self.transition(session_id, State.READY)
         except asyncio.CancelledError:
             raise
@@ -198,7 +189,7 @@ class SessionManager:
             await self._event(
                 session_id, StepRecord(name, time.monotonic() - started, False, exc.reason[:500])
             )
-            raise
+            raise ProbeError(f"{name}: {exc.reason}") from exc
         await self._event(session_id, StepRecord(name, time.monotonic() - started, True))
         return result
 
@@ -240,6 +231,57 @@ class SessionManager:
                 guest = self.runtime.load(row.guest_id)
                 await self.runtime.destroy(guest)
         return row
+
+    async def hibernate(self, session_id: str) -> SessionRow:
+        """Save the session's guest (VMs: memory and disk; containers: disk) and free its CPU
+        and memory. Its viewers are told the session is hibernated."""
+        row = await self.transition(session_id, State.HIBERNATING)
+        await self.viewers.close_all(session_id, SESSION_HIBERNATED, "session hibernated")
+        try:
+            await self.runtime.hibernate(self.guest(row))
+        except MCError as exc:
+            return await self.end(session_id, State.FAILED, f"hibernate failed: {exc.reason}")
+        return await self.transition(session_id, State.HIBERNATED)
+
+    async def resume(self, session_id: str) -> SessionRow:
+        """Start a hibernated session's guest again; ready once the viewer path works."""
+        row = await self.transition(session_id, State.RESUMING)
+        self._tasks[session_id] = asyncio.create_task(self._resume(row))
+        return row
+
+    async def _resume(self, row: SessionRow) -> None:
+        session_id = row.id
+        records: list[StepRecord] = []
+        step = "resume"
+        try:
+            guest = self.guest(row)
+            started = time.monotonic()
+            await self.runtime.resume(guest, StepLog(on_record=records.append))
+            await self._flush(session_id, records)
+            await self._await_viewer_path(session_id, guest, started)
+            await self.transition(session_id, State.READY)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._flush(session_id, records)
+            reason = exc.reason if isinstance(exc, MCError) else repr(exc)
+            await self.end(session_id, State.FAILED, f"{step} did not come up: {reason}")
+        finally:
+            self._tasks.pop(session_id, None)
+
+    async def _await_viewer_path(self, session_id: str, guest: GuestState, started: float) -> None:
+        """The readiness steps: WebSocket 101 through our own proxy, RFB, a non-blank frame."""
+        deadline = started + self.settings.boot_timeout
+        give_up = guest_give_up(self.runtime, guest)
+        url, headers = self.internal_viewer(session_id)
+        host, port = self.internal_address()
+        checks: dict[str, Callable[[], Awaitable[object]]] = {
+            "websocket 101": lambda: websocket_upgrade(host, port, _path(url), headers=headers),
+            "vnc handshake": lambda: rfb_handshake(url, None, headers),
+            "first frame": lambda: non_blank_frame(url, None, deadline, headers),
+        }
+        for step, check in checks.items():
+            await self._timed_step(session_id, step, check, deadline, give_up)
 
     async def cancel(self, session_id: str) -> SessionRow:
         return await self.end(session_id, State.TERMINATED, "cancelled")

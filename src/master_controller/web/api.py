@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Query
 from master_controller.auth import Caller
 from master_controller.errors import MCError, SessionNotFound
 from master_controller.runtimes.base import GuestStatus
-from master_controller.sessions.states import ACTIVE
+from master_controller.sessions.states import ACTIVE, VIEWABLE, State
 from master_controller.store import repo
 from master_controller.store.models import SessionRow
 from master_controller.web.deps import (
@@ -85,6 +85,50 @@ async def cancel_session(
     return await session_view(svc, await svc.sessions.cancel(row.id))
 
 
+@router.post("/auth/session/{session_id}/hibernate", response_model=SessionView)
+async def hibernate_session(
+    row: SessionRow = Depends(owned_session), svc: Services = Depends(services)
+) -> SessionView:
+    """Save the guest and free its CPU and memory. VMs keep memory and disk; containers keep
+    their disk only (resume boots them again)."""
+    return await session_view(svc, await svc.sessions.hibernate(row.id))
+
+
+@router.post("/auth/session/{session_id}/resume", response_model=SessionView)
+async def resume_session(
+    row: SessionRow = Depends(owned_session), svc: Services = Depends(services)
+) -> SessionView:
+    """Start a hibernated session again; it is ready when the viewer path works."""
+    return await session_view(svc, await svc.sessions.resume(row.id))
+
+
+async def _users_session(svc: Services, who: Caller, user_id: str, states: set[str]) -> SessionRow:
+    async with svc.db.session() as db:
+        rows = await repo.list_sessions(db, user_id=user_id, states=sorted(states))
+    mine = [r for r in rows if r.api_key_id == who.key_id or "admin" in who.scopes]
+    if not mine:
+        raise SessionNotFound(f"user {user_id[:128]!r} has no VM that can do that")
+    return mine[0]
+
+
+@router.post("/users/{user_id}/vm/hibernate", response_model=SessionView)
+async def hibernate_users_vm(
+    user_id: str, who: Caller = Depends(caller), svc: Services = Depends(services)
+) -> SessionView:
+    """Hibernate the user's newest live session."""
+    row = await _users_session(svc, who, user_id, {s.value for s in VIEWABLE})
+    return await session_view(svc, await svc.sessions.hibernate(row.id))
+
+
+@router.post("/users/{user_id}/vm/resume", response_model=SessionView)
+async def resume_users_vm(
+    user_id: str, who: Caller = Depends(caller), svc: Services = Depends(services)
+) -> SessionView:
+    """Resume the user's newest hibernated session."""
+    row = await _users_session(svc, who, user_id, {State.HIBERNATED.value})
+    return await session_view(svc, await svc.sessions.resume(row.id))
+
+
 @router.post("/auth/session/{session_id}/heartbeat", response_model=OkResponse)
 async def heartbeat(
     row: SessionRow = Depends(owned_session), svc: Services = Depends(services)
@@ -107,13 +151,17 @@ async def list_sessions(
 
 async def _vms(svc: Services, who: Caller) -> list[VmView]:
     async with svc.db.session() as db:
-        rows = await repo.list_sessions(db, states=[s.value for s in ACTIVE])
+        live = [s.value for s in ACTIVE | {State.HIBERNATED}]
+        rows = await repo.list_sessions(db, states=live)
     vms = []
     for row in rows:
         if row.api_key_id != who.key_id and "admin" not in who.scopes:
             continue
+        snapshot_bytes = None
         try:
-            status = svc.runtime.status(svc.sessions.guest(row))
+            guest = svc.sessions.guest(row)
+            status = svc.runtime.status(guest)
+            snapshot_bytes = guest.resources.get("snapshot", {}).get("bytes")
         except MCError:
             status = GuestStatus.DESTROYED
         vms.append(
@@ -126,6 +174,7 @@ async def _vms(svc: Services, who: Caller) -> list[VmView]:
                 address=row.browser_ip,
                 runtime=row.runtime,
                 image_id=row.image_id,
+                snapshot_bytes=snapshot_bytes,
             )
         )
     return vms

@@ -8,7 +8,7 @@ viewer's socket with a code and a reason, never a bare drop:
     1011 guest VNC unreachable / guest VNC closed the connection
     4401 no or invalid viewer ticket       4403 origin not allowed
     4404 session not found                 4409 session not ready yet
-    4410 session ended
+    4410 session ended                     4412 session hibernated
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from master_controller.web.metrics import PROXY_BYTES, PROXY_CONNECTIONS, PROXY_
 GUEST_UNREACHABLE = (1011, "guest VNC unreachable")
 GUEST_CLOSED = (1011, "guest VNC closed the connection")
 SESSION_ENDED = 4410
+SESSION_HIBERNATED = 4412
 
 
 class ViewerStream:

@@ -79,6 +79,9 @@ class VmView(Camel):
     address: str | None
     runtime: str
     image_id: str
+    snapshot_bytes: int | None = Field(
+        None, description="Size of the saved memory state of a hibernated VM."
+    )
 
 
 class ViewerStatus(Camel):

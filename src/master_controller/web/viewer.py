@@ -18,7 +18,12 @@ from master_controller.sessions.manager import VIEWER_COOKIE
 from master_controller.sessions.states import TERMINAL, VIEWABLE, State
 from master_controller.store import repo
 from master_controller.web.deps import Services, check_session_id, services
-from master_controller.web.proxy import SESSION_ENDED, ViewerConnection, relay
+from master_controller.web.proxy import (
+    SESSION_ENDED,
+    SESSION_HIBERNATED,
+    ViewerConnection,
+    relay,
+)
 from master_controller.web.schemas import EventView, ViewerStatus
 
 STATIC = Path(__file__).parent / "static"
@@ -131,7 +136,10 @@ async def viewer_socket(session_id: str, websocket: WebSocket) -> None:
     if state in TERMINAL:
         await viewer.close(SESSION_ENDED, f"session ended: {row.reason or state}"[:120])
         return
-    if state not in VIEWABLE and state not in (State.BOOTING,):
+    if state in (State.HIBERNATING, State.HIBERNATED):
+        await viewer.close(SESSION_HIBERNATED, "session hibernated")
+        return
+    if state not in VIEWABLE and state not in (State.BOOTING, State.RESUMING):
         await viewer.close(4409, f"session is {state}, not ready yet")
         return
     try:

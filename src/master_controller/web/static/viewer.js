@@ -18,6 +18,7 @@ const REASONS = {
   4404: "This sign-in session does not exist.",
   4409: "The browser machine is not ready yet.",
   4410: "This sign-in session has ended.",
+  4412: "This session was put to sleep (hibernated). It comes back when it is resumed.",
 };
 const FINAL = new Set([4401, 4403, 4404, 4410]);
 
@@ -80,7 +81,13 @@ async function waitUntilReady() {
       connect();
       return;
     }
-    show("booting", "Starting…", `Starting your isolated browser (${status.status})…`);
+    if (["hibernating", "hibernated"].includes(status.status)) {
+      show("hibernated", "Hibernated", REASONS[4412]);
+    } else if (status.status === "resuming") {
+      show("booting", "Resuming…", "Waking your isolated browser up…");
+    } else {
+      show("booting", "Starting…", `Starting your isolated browser (${status.status})…`);
+    }
     await new Promise((resolve) => setTimeout(resolve, 700));
   }
 }
@@ -107,6 +114,11 @@ function connect() {
     body.dataset.closeCode = String(info.code);
     if (FINAL.has(info.code)) {
       show("ended", info.code === 4410 ? "Ended" : "Refused", words + why, true);
+      return;
+    }
+    if (info.code === 4412) {  // hibernated: wait for the resume, without backoff
+      show("hibernated", "Hibernated", REASONS[4412]);
+      setTimeout(waitUntilReady, 1000);
       return;
     }
     attempts += 1;
