@@ -163,15 +163,21 @@ class SessionManager:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            await self._flush(session_id, records)
-            if isinstance(exc, MCError | OSError):
-                reason = exc.reason if isinstance(exc, MCError) else str(exc)
-            else:  # a bug: fail the session with a reason rather than leave it booting
-                log.exception("session %s: start failed unexpectedly", session_id)
-                reason = f"internal error ({type(exc).__name__}); see the controller's log"
-            await self.end(session_id, State.FAILED, f"{step} did not come up: {reason}")
+            await self._fail_start(session_id, step, exc, records)
         finally:
             self._tasks.pop(session_id, None)
+
+    async def _fail_start(
+        self, session_id: str, step: str, exc: Exception, records: list[StepRecord]
+    ) -> None:
+        """End a session whose start or resume failed, saying at which step and why."""
+        await self._flush(session_id, records)
+        if isinstance(exc, MCError | OSError):
+            reason = exc.reason if isinstance(exc, MCError) else str(exc)
+        else:  # a bug: fail the session with a reason rather than leave it starting
+            log.exception("session %s: %s failed unexpectedly", session_id, step)
+            reason = f"internal error ({type(exc).__name__}); see the controller's log"
+        await self.end(session_id, State.FAILED, f"{step} did not come up: {reason}")
 
     async def _timed_step(
         self,
@@ -258,14 +264,13 @@ class SessionManager:
             started = time.monotonic()
             await self.runtime.resume(guest, StepLog(on_record=records.append))
             await self._flush(session_id, records)
+            step = "the viewer path"
             await self._await_viewer_path(session_id, guest, started)
             await self.transition(session_id, State.READY)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            await self._flush(session_id, records)
-            reason = exc.reason if isinstance(exc, MCError) else repr(exc)
-            await self.end(session_id, State.FAILED, f"{step} did not come up: {reason}")
+            await self._fail_start(session_id, step, exc, records)
         finally:
             self._tasks.pop(session_id, None)
 
