@@ -15,8 +15,9 @@ import contextlib
 import os
 import shutil
 import signal
-from contextlib import AsyncExitStack, ExitStack
+from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 from master_controller.errors import (
     CommandError,
@@ -25,33 +26,24 @@ from master_controller.errors import (
     MCError,
     NetworkError,
 )
-from master_controller.images.store import ImageStore
+from master_controller.images.store import ImageInfo
 from master_controller.network import firewall, netns
-from master_controller.network.ipam import AddressAllocator
 from master_controller.network.netns import GuestLink
 from master_controller.proc import run
 from master_controller.process import ProcessRef, spawn
 from master_controller.runtimes.base import (
-    GuestSecrets,
     GuestState,
     GuestStatus,
     ProbeResult,
-    Runtime,
 )
+from master_controller.runtimes.hosted import HostedRuntime
 from master_controller.settings import Settings
 from master_controller.steps import StepLog
 from mc_agent.config import CONFIG_NAME, MOUNT_POINT, GuestConfig
 
 
-class ContainerRuntime(Runtime):
+class ContainerRuntime(HostedRuntime):
     name = "container"
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
-        self.images = ImageStore(settings.images_dir)
-        self.addresses = AddressAllocator(
-            settings.guest_network, settings.data_dir / "network" / "leases.json"
-        )
 
     @classmethod
     def probe(cls, settings: Settings) -> ProbeResult:
@@ -66,53 +58,21 @@ class ContainerRuntime(Runtime):
 
     # --- lifecycle ----------------------------------------------------------------------
 
-    async def create(
-        self, guest_id: str, image_id: str, secrets: GuestSecrets, steps: StepLog | None = None
-    ) -> GuestState:
-        steps = steps or StepLog()
-        image = self.images.get(image_id)
-        folder = self.guest_dir(guest_id)
-        if folder.exists():
-            raise GuestStateError(f"guest {guest_id} exists already")
-        with ExitStack() as undo:
-            with steps.step("allocate"):
-                folder.mkdir(parents=True)
-                undo.callback(shutil.rmtree, folder, True)
-                lease = self.addresses.allocate(guest_id)
-                undo.callback(self.addresses.release, guest_id)
-                for sub in ("upper", "work", "rootfs", "config"):
-                    (folder / sub).mkdir()
-                config = GuestConfig(
-                    guest_id=guest_id,
-                    vnc_password=secrets.vnc_password,
-                    agent_token=secrets.agent_token,
-                )
-                (folder / "config" / CONFIG_NAME).write_text(config.to_json())
-                (folder / "config" / CONFIG_NAME).chmod(0o600)
-            link = GuestLink.for_guest(guest_id)
-            guest = GuestState(
-                guest_id=guest_id,
-                runtime=self.name,
-                image_id=image.id,
-                address=lease.guest_address,
-                secrets=secrets,
-                resources={
-                    "lease": lease.index,
-                    "namespace": link.namespace,
-                    "host_ifname": link.host_ifname,
-                    "lower": str(image.rootfs),
-                },
-            )
-            self.save(guest)
-            undo.pop_all()
-        return guest
+    def prepare(
+        self, folder: Path, image: ImageInfo, config: GuestConfig, steps: StepLog
+    ) -> dict[str, Any]:
+        for sub in ("upper", "work", "rootfs", "config"):
+            (folder / sub).mkdir()
+        (folder / "config" / CONFIG_NAME).write_text(config.to_json())
+        (folder / "config" / CONFIG_NAME).chmod(0o600)
+        return {"lower": str(image.rootfs)}
 
     async def start(self, guest: GuestState, steps: StepLog | None = None) -> None:
         if guest.status not in (GuestStatus.CREATED, GuestStatus.STOPPED, GuestStatus.DEAD):
             raise GuestStateError(f"guest {guest.guest_id} is {guest.status}, cannot start")
         steps = steps or StepLog()
         folder = self.guest_dir(guest.guest_id)
-        link = self._link(guest)
+        link = self.link(guest)
         lease = self.addresses.allocate(guest.guest_id)
         step = "network"
         try:
@@ -141,13 +101,7 @@ class ContainerRuntime(Runtime):
                 self.save(guest)
                 undo.pop_all()
         except (MCError, OSError) as exc:
-            reason = exc.reason if isinstance(exc, MCError) else str(exc)
-            guest.status = GuestStatus.STOPPED
-            guest.reason = reason
-            guest.resources.pop("process", None)
-            guest.resources.pop("leader", None)
-            self.save(guest)
-            raise GuestStartFailed(step, reason) from exc
+            raise self.start_failed(guest, step, exc) from exc
 
     async def stop(self, guest: GuestState) -> None:
         await self._shutdown(guest)
@@ -172,24 +126,6 @@ class ContainerRuntime(Runtime):
         self.addresses.release(guest.guest_id)
         shutil.rmtree(self.guest_dir(guest.guest_id), ignore_errors=True)
         guest.status = GuestStatus.DESTROYED
-
-    def status(self, guest: GuestState) -> GuestStatus:
-        if guest.status == GuestStatus.RUNNING:
-            process = self._process(guest)
-            if process is None or not process.alive():
-                return GuestStatus.DEAD
-        return guest.status
-
-    # --- pieces -------------------------------------------------------------------------
-
-    def _link(self, guest: GuestState) -> GuestLink:
-        return GuestLink(
-            namespace=guest.resources["namespace"], host_ifname=guest.resources["host_ifname"]
-        )
-
-    def _process(self, guest: GuestState, key: str = "process") -> ProcessRef | None:
-        data = guest.resources.get(key)
-        return ProcessRef.model_validate(data) if data else None
 
     def _nspawn_argv(self, guest: GuestState, folder: Path, link: GuestLink) -> list[str]:
         return [
@@ -248,8 +184,9 @@ class ContainerRuntime(Runtime):
         may already be gone. Graceful: an orderly poweroff (nspawn turns SIGTERM into one),
         forced after the stop timeout. Not graceful (destroy: the disk layer is thrown away
         anyway): kill the container's PID 1 at once, which ends everything inside it."""
-        process = self._process(guest)
-        leader = self._process(guest, "leader")
+        process = self.process(guest)
+        leader_data = guest.resources.get("leader")
+        leader = ProcessRef.model_validate(leader_data) if leader_data else None
         if graceful and process is not None and process.signal(signal.SIGTERM):
             await process.wait(self.settings.stop_timeout)
         if leader is not None and leader.signal(signal.SIGKILL):
@@ -266,10 +203,10 @@ class ContainerRuntime(Runtime):
         if _is_mountpoint(folder / "rootfs"):
             run(["umount", "--lazy", folder / "rootfs"])
         try:
-            await netns.aremove(self._link(guest))
+            await netns.aremove(self.link(guest))
         except NetworkError:
             await asyncio.sleep(0.2)  # the namespace may be held a moment by exiting processes
-            await netns.aremove(self._link(guest))
+            await netns.aremove(self.link(guest))
 
 
 def _pid_namespace(pid: int) -> str | None:

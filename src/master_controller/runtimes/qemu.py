@@ -22,8 +22,9 @@ import shlex
 import shutil
 import signal
 import time
-from contextlib import AsyncExitStack, ExitStack
+from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 from master_controller.errors import (
     CommandError,
@@ -32,19 +33,16 @@ from master_controller.errors import (
     GuestStateError,
     MCError,
 )
-from master_controller.images.store import ImageStore
+from master_controller.images.store import ImageInfo
 from master_controller.network import firewall, netns
-from master_controller.network.ipam import AddressAllocator
-from master_controller.network.netns import GuestLink
 from master_controller.proc import run
 from master_controller.process import ProcessRef, spawn
 from master_controller.runtimes.base import (
-    GuestSecrets,
     GuestState,
     GuestStatus,
     ProbeResult,
-    Runtime,
 )
+from master_controller.runtimes.hosted import HostedRuntime
 from master_controller.runtimes.qmp import Qmp
 from master_controller.settings import Settings
 from master_controller.steps import StepLog
@@ -56,15 +54,10 @@ CONFIG_DRIVE_MIB = 8
 STATE_FILE = "memory.state"
 
 
-class QemuRuntime(Runtime):
-    name = "qemu"
+class QemuRuntime(HostedRuntime):
+    guest_configures_network = True
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
-        self.images = ImageStore(settings.images_dir)
-        self.addresses = AddressAllocator(
-            settings.guest_network, settings.data_dir / "network" / "leases.json"
-        )
+    name = "qemu"
 
     @classmethod
     def probe(cls, settings: Settings) -> ProbeResult:
@@ -77,49 +70,14 @@ class QemuRuntime(Runtime):
             fallback_only=True,
         )
 
-    async def create(
-        self, guest_id: str, image_id: str, secrets: GuestSecrets, steps: StepLog | None = None
-    ) -> GuestState:
-        steps = steps or StepLog()
-        image = self.images.get(image_id)
-        folder = self.guest_dir(guest_id)
-        if folder.exists():
-            raise GuestStateError(f"guest {guest_id} exists already")
-        with ExitStack() as undo:
-            with steps.step("allocate"):
-                folder.mkdir(parents=True)
-                undo.callback(shutil.rmtree, folder, True)
-                lease = self.addresses.allocate(guest_id)
-                undo.callback(self.addresses.release, guest_id)
-            with steps.step("disk layer"):
-                _make_overlay(image.disk, folder / "disk.qcow2")
-            with steps.step("config drive"):
-                config = GuestConfig(
-                    guest_id=guest_id,
-                    vnc_password=secrets.vnc_password,
-                    agent_token=secrets.agent_token,
-                    address=f"{lease.guest_address}/{lease.prefixlen}",
-                    gateway=lease.host_address,
-                )
-                _make_config_drive(config, folder)
-            link = GuestLink.for_guest(guest_id)
-            guest = GuestState(
-                guest_id=guest_id,
-                runtime=self.name,
-                image_id=image.id,
-                address=lease.guest_address,
-                secrets=secrets,
-                resources={
-                    "lease": lease.index,
-                    "namespace": link.namespace,
-                    "host_ifname": link.host_ifname,
-                    "kernel": str(image.path / "vmlinuz"),
-                    "initrd": str(image.path / "initrd.img"),
-                },
-            )
-            self.save(guest)
-            undo.pop_all()
-        return guest
+    def prepare(
+        self, folder: Path, image: ImageInfo, config: GuestConfig, steps: StepLog
+    ) -> dict[str, Any]:
+        with steps.step("disk layer"):
+            _make_overlay(image.disk, folder / "disk.qcow2")
+        with steps.step("config drive"):
+            _make_config_drive(config, folder)
+        return {"kernel": str(image.path / "vmlinuz"), "initrd": str(image.path / "initrd.img")}
 
     async def start(self, guest: GuestState, steps: StepLog | None = None) -> None:
         if guest.status not in (GuestStatus.CREATED, GuestStatus.STOPPED, GuestStatus.DEAD):
@@ -129,7 +87,7 @@ class QemuRuntime(Runtime):
     async def _launch(self, guest: GuestState, steps: StepLog, incoming: Path | None) -> None:
         """Network, then QEMU: a fresh boot, or (``incoming``) a restore of saved state."""
         folder = self.guest_dir(guest.guest_id)
-        link = _link(guest)
+        link = self.link(guest)
         lease = self.addresses.allocate(guest.guest_id)
         step = "network"
         try:
@@ -164,12 +122,7 @@ class QemuRuntime(Runtime):
                 self.save(guest)
                 undo.pop_all()
         except (MCError, OSError) as exc:
-            reason = exc.reason if isinstance(exc, MCError) else str(exc)
-            guest.status = GuestStatus.STOPPED
-            guest.reason = reason
-            guest.resources.pop("process", None)
-            self.save(guest)
-            raise GuestStartFailed(step, reason) from exc
+            raise self.start_failed(guest, step, exc) from exc
 
     def _argv(self, guest: GuestState, folder: Path) -> list[str]:
         return [
@@ -252,13 +205,6 @@ class QemuRuntime(Runtime):
         shutil.rmtree(self.guest_dir(guest.guest_id), ignore_errors=True)
         guest.status = GuestStatus.DESTROYED
 
-    def status(self, guest: GuestState) -> GuestStatus:
-        if guest.status == GuestStatus.RUNNING:
-            data = guest.resources.get("process")
-            if not data or not ProcessRef.model_validate(data).alive():
-                return GuestStatus.DEAD
-        return guest.status
-
     async def _shutdown(self, guest: GuestState) -> None:
         """Stop the VMM (its disk overlay stays), then remove the guest's network."""
         guest.resources.pop("snapshot", None)
@@ -268,13 +214,7 @@ class QemuRuntime(Runtime):
             if process.signal(signal.SIGTERM) and not await process.wait(5):
                 process.signal(signal.SIGKILL)
                 await process.wait(5)
-        await netns.aremove(_link(guest))
-
-
-def _link(guest: GuestState) -> GuestLink:
-    return GuestLink(
-        namespace=guest.resources["namespace"], host_ifname=guest.resources["host_ifname"]
-    )
+        await netns.aremove(self.link(guest))
 
 
 def _make_overlay(backing: Path, overlay: Path) -> None:

@@ -1,0 +1,107 @@
+"""What the runtimes whose guests run as processes on this host share (container, qemu):
+a folder per guest, an address lease, a network namespace, one VMM/container process."""
+
+from __future__ import annotations
+
+import shutil
+from abc import abstractmethod
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, ClassVar
+
+from master_controller.errors import GuestStartFailed, GuestStateError, MCError
+from master_controller.images.store import ImageInfo, ImageStore
+from master_controller.network.ipam import AddressAllocator
+from master_controller.network.netns import GuestLink
+from master_controller.process import ProcessRef
+from master_controller.runtimes.base import GuestSecrets, GuestState, GuestStatus, Runtime
+from master_controller.settings import Settings
+from master_controller.steps import StepLog
+from mc_agent.config import GuestConfig
+
+
+class HostedRuntime(Runtime):
+    # True when the guest puts its address on its own NIC (a VM); False when the host
+    # addresses the guest's end of the link before it boots (a container).
+    guest_configures_network: ClassVar[bool] = False
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.images = ImageStore(settings.images_dir)
+        self.addresses = AddressAllocator(
+            settings.guest_network, settings.data_dir / "network" / "leases.json"
+        )
+
+    @abstractmethod
+    def prepare(
+        self, folder: Path, image: ImageInfo, config: GuestConfig, steps: StepLog
+    ) -> dict[str, Any]:
+        """Make the guest's runtime-specific files (disk layer, config source) in ``folder``;
+        returns what to record in the guest's resources."""
+
+    async def create(
+        self, guest_id: str, image_id: str, secrets: GuestSecrets, steps: StepLog | None = None
+    ) -> GuestState:
+        steps = steps or StepLog()
+        image = self.images.get(image_id)
+        folder = self.guest_dir(guest_id)
+        if folder.exists():
+            raise GuestStateError(f"guest {guest_id} exists already")
+        with ExitStack() as undo:
+            with steps.step("allocate"):
+                folder.mkdir(parents=True)
+                undo.callback(shutil.rmtree, folder, True)
+                lease = self.addresses.allocate(guest_id)
+                undo.callback(self.addresses.release, guest_id)
+            own_network = self.guest_configures_network
+            config = GuestConfig(
+                guest_id=guest_id,
+                vnc_password=secrets.vnc_password,
+                agent_token=secrets.agent_token,
+                address=f"{lease.guest_address}/{lease.prefixlen}" if own_network else None,
+                gateway=lease.host_address if own_network else None,
+            )
+            resources = self.prepare(folder, image, config, steps)
+            link = GuestLink.for_guest(guest_id)
+            guest = GuestState(
+                guest_id=guest_id,
+                runtime=self.name,
+                image_id=image.id,
+                address=lease.guest_address,
+                secrets=secrets,
+                resources={
+                    "lease": lease.index,
+                    "namespace": link.namespace,
+                    "host_ifname": link.host_ifname,
+                    **resources,
+                },
+            )
+            self.save(guest)
+            undo.pop_all()
+        return guest
+
+    def link(self, guest: GuestState) -> GuestLink:
+        return GuestLink(
+            namespace=guest.resources["namespace"], host_ifname=guest.resources["host_ifname"]
+        )
+
+    def process(self, guest: GuestState) -> ProcessRef | None:
+        data = guest.resources.get("process")
+        return ProcessRef.model_validate(data) if data else None
+
+    def status(self, guest: GuestState) -> GuestStatus:
+        if guest.status == GuestStatus.RUNNING:
+            process = self.process(guest)
+            if process is None or not process.alive():
+                return GuestStatus.DEAD
+        return guest.status
+
+    def start_failed(self, guest: GuestState, step: str, exc: BaseException) -> GuestStartFailed:
+        """Record a failed start (its resources are released already) and say why."""
+        reason = exc.reason if isinstance(exc, MCError) else str(exc)
+        guest.status = GuestStatus.STOPPED
+        guest.reason = reason
+        guest.resources.pop("process", None)
+        guest.resources.pop("leader", None)
+        self.save(guest)
+        return GuestStartFailed(step, reason)
