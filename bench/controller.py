@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 from playwright.sync_api import sync_playwright
 
-from bench import summary
+from bench import save, summary
 from master_controller.images.builder import ImageBuilder
 from master_controller.images.recipe import Recipe
 from master_controller.images.store import ImageStore
@@ -172,10 +172,7 @@ def main() -> None:
     ):
         figures.update(measure_sessions(ctl, args.sessions))
         figures["throughput_raw_frames"] = measure_proxy(ctl, settings, args.frames)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
-    print(json.dumps(figures, indent=2))
-    print(f"saved to {RESULTS}")
+    save(figures, RESULTS)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import secrets
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench import save
 from bench.controller import ensure_image
 from master_controller.readiness import non_blank_frame, poll
 from master_controller.runtimes import RUNTIMES
@@ -74,10 +74,7 @@ def main() -> None:
     }
     for name in args.runtimes.split(","):
         figures[name] = asyncio.run(measure(RUNTIMES[name](settings), image_id))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
-    print(json.dumps(figures, indent=2))
-    print(f"saved to {RESULTS}")
+    save(figures, RESULTS)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import secrets
 import tempfile
 import time
@@ -18,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import summary
+from bench import save, summary
 from master_controller.images.builder import ImageBuilder
 from master_controller.images.recipe import Recipe
 from master_controller.images.store import ImageStore
@@ -103,10 +102,7 @@ def main() -> None:
     figures["boots"] = args.boots
     ImageStore(settings.images_dir).gc(keep=0, in_use={cold.image_id})
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
-    print(json.dumps(figures, indent=2))
-    print(f"saved to {RESULTS}")
+    save(figures, RESULTS)
 
 
 if __name__ == "__main__":
