@@ -27,7 +27,7 @@ from master_controller.errors import (
     NetworkError,
 )
 from master_controller.images.store import ImageInfo
-from master_controller.network import firewall, netns
+from master_controller.network import netns
 from master_controller.network.netns import GuestLink
 from master_controller.proc import run
 from master_controller.process import ProcessRef, spawn
@@ -68,21 +68,14 @@ class ContainerRuntime(HostedRuntime):
         return {"lower": str(image.rootfs)}
 
     async def start(self, guest: GuestState, steps: StepLog | None = None) -> None:
-        if guest.status not in (GuestStatus.CREATED, GuestStatus.STOPPED, GuestStatus.DEAD):
-            raise GuestStateError(f"guest {guest.guest_id} is {guest.status}, cannot start")
+        self.check_startable(guest)
         steps = steps or StepLog()
         folder = self.guest_dir(guest.guest_id)
-        link = self.link(guest)
-        lease = self.addresses.allocate(guest.guest_id)
         step = "network"
         try:
             async with AsyncExitStack() as undo:
                 with steps.step(step):
-                    firewall.ensure_isolation()
-                    if await netns.aexists(link):  # left by a guest that died: recorded ids
-                        await netns.aremove(link)
-                    await netns.acreate(link, lease)
-                    undo.push_async_callback(netns.aremove, link)
+                    link = await self.network_up(guest, undo)
                 step = "disk layer"
                 with steps.step(step):
                     self._mount_overlay(guest, folder)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import shutil
 from abc import abstractmethod
-from contextlib import ExitStack
+from contextlib import AsyncExitStack, ExitStack
 from pathlib import Path
 from typing import Any, ClassVar
 
 from master_controller.errors import GuestStartFailed, GuestStateError, MCError
 from master_controller.images.store import ImageInfo, ImageStore
+from master_controller.network import firewall, netns
 from master_controller.network.ipam import AddressAllocator
 from master_controller.network.netns import GuestLink
 from master_controller.process import ProcessRef
@@ -79,6 +80,27 @@ class HostedRuntime(Runtime):
             self.save(guest)
             undo.pop_all()
         return guest
+
+    def check_startable(self, guest: GuestState) -> None:
+        if guest.status not in (GuestStatus.CREATED, GuestStatus.STOPPED, GuestStatus.DEAD):
+            raise GuestStateError(f"guest {guest.guest_id} is {guest.status}, cannot start")
+
+    async def network_up(
+        self, guest: GuestState, undo: AsyncExitStack, tap: str | None = None, reuse: bool = False
+    ) -> GuestLink:
+        """The guest's isolated network, removed by ``undo`` if the start fails later. A
+        network left by a guest that died is replaced (found by its recorded ids only);
+        with ``reuse`` (a resume) an existing one is kept, with its addresses and MACs."""
+        firewall.ensure_isolation()
+        link = self.link(guest)
+        lease = self.addresses.allocate(guest.guest_id)
+        exists = await netns.aexists(link)
+        if exists and not reuse:
+            await netns.aremove(link)
+        if not exists or not reuse:
+            await netns.acreate(link, lease, tap=tap)
+        undo.push_async_callback(netns.aremove, link)
+        return link
 
     def link(self, guest: GuestState) -> GuestLink:
         return GuestLink(

@@ -34,7 +34,7 @@ from master_controller.errors import (
     MCError,
 )
 from master_controller.images.store import ImageInfo
-from master_controller.network import firewall, netns
+from master_controller.network import netns
 from master_controller.proc import run
 from master_controller.process import ProcessRef, spawn
 from master_controller.runtimes.base import (
@@ -80,26 +80,17 @@ class QemuRuntime(HostedRuntime):
         return {"kernel": str(image.path / "vmlinuz"), "initrd": str(image.path / "initrd.img")}
 
     async def start(self, guest: GuestState, steps: StepLog | None = None) -> None:
-        if guest.status not in (GuestStatus.CREATED, GuestStatus.STOPPED, GuestStatus.DEAD):
-            raise GuestStateError(f"guest {guest.guest_id} is {guest.status}, cannot start")
+        self.check_startable(guest)
         await self._launch(guest, steps or StepLog(), incoming=None)
 
     async def _launch(self, guest: GuestState, steps: StepLog, incoming: Path | None) -> None:
         """Network, then QEMU: a fresh boot, or (``incoming``) a restore of saved state."""
         folder = self.guest_dir(guest.guest_id)
-        link = self.link(guest)
-        lease = self.addresses.allocate(guest.guest_id)
         step = "network"
         try:
             async with AsyncExitStack() as undo:
                 with steps.step(step):
-                    firewall.ensure_isolation()
-                    exists = await netns.aexists(link)
-                    if exists and incoming is None:  # left by a guest that died
-                        await netns.aremove(link)
-                    if not exists or incoming is None:
-                        await netns.acreate(link, lease, tap=TAP)
-                    undo.push_async_callback(netns.aremove, link)
+                    link = await self.network_up(guest, undo, tap=TAP, reuse=incoming is not None)
                 step = "boot" if incoming is None else "restore"
                 with steps.step(step):
                     argv = self._argv(guest, folder)
