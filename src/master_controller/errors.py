@@ -90,6 +90,12 @@ class GuestError(MCError):
     """Something about a guest."""
 
 
+class GuestAgentError(GuestError):
+    """The guest's agent could not be reached or refused a request."""
+
+    status = 502
+
+
 class GuestNotFound(GuestError):
     status = 404
 

@@ -77,6 +77,9 @@ class Settings(BaseSettings):
         "default: SQLite in the data dir.",
     )
     runtime: str = Field("auto", description="Guest runtime: auto, container, qemu, firecracker.")
+    firecracker_binary: str = Field(
+        "firecracker", description="The Firecracker binary (a path, or a name on PATH)."
+    )
     max_sessions: int = Field(6, ge=1, description="Concurrent live sessions on this host.")
     idle_timeout: float = Field(
         600.0, description="Seconds a ready session may go without a viewer before it ends."

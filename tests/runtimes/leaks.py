@@ -27,7 +27,7 @@ class HostSnapshot:
             except OSError:
                 continue
             if name in {"systemd-nspawn", "Xvfb", "x11vnc", "chromium", "websockify"} or (
-                name.startswith("qemu-system")
+                name.startswith(("qemu-system", "firecracker"))
             ):
                 procs.add(f"{stat.parent.name}:{name}")
         mounts = {line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()}

@@ -31,6 +31,7 @@ from typing import IO, Any
 from master_controller.digests import file_digest, json_digest, tree_digest
 from master_controller.errors import BuildError, CommandError
 from master_controller.images.apt_sources import build_sources
+from master_controller.images.kernel import extract_vmlinux
 from master_controller.images.recipe import Recipe, agent_files
 from master_controller.images.store import MANIFEST, ImageStore, write_json_atomic
 from master_controller.images.units import exec_start, is_enabled, parse_unit
@@ -41,7 +42,7 @@ from master_controller.steps import StepLog
 # Bump when what the builder makes of the same inputs changes: the layer's cache key (base)
 # or the image id (builder) changes with it.
 BASE_LAYER_VERSION = 1
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3  # 3: vmlinux for Firecracker
 AGENT_DEST = "/usr/lib/mc/mc_agent"
 _USER = re.compile(r"^[a-z_][a-z0-9_-]{0,30}$")
 
@@ -252,6 +253,14 @@ class ImageBuilder:
             dest = staging / ("vmlinuz" if name == "kernel" else "initrd.img")
             shutil.copyfile(source, dest)
             result[name] = {"file": dest.name, "version": version, "sha256": file_digest(dest)}
+        # Firecracker boots only an uncompressed ELF kernel
+        compression = extract_vmlinux(staging / "vmlinuz", staging / "vmlinux")
+        result["vmlinux"] = {
+            "file": "vmlinux",
+            "version": version,
+            "sha256": file_digest(staging / "vmlinux"),
+            "from": compression,
+        }
         return result
 
     def _make_disk(
@@ -331,10 +340,12 @@ class ImageBuilder:
             "agent": {"path": AGENT_DEST, "sha256": json_digest(agent), "files": agent},
             "kernel": boot["kernel"],
             "initrd": boot["initrd"],
+            "vmlinux": boot["vmlinux"],
             "sizes": {
                 "rootfs": base["tree"]["bytes"],
                 **disk,
                 "kernel": (rootfs.parent / "vmlinuz").stat().st_size,
+                "vmlinux": (rootfs.parent / "vmlinux").stat().st_size,
                 "initrd": (rootfs.parent / "initrd.img").stat().st_size,
             },
         }

@@ -5,7 +5,8 @@ Layout under ``<data_dir>/images``::
     <id>/               one folder per image, never changed after it is added
         rootfs/         read-only lower layer for containers
         disk.ext4       the same tree as an ext4 disk for VMs
-        vmlinuz, initrd.img
+        vmlinuz, initrd.img  kernel (bzImage) and initrd
+        vmlinux         the same kernel uncompressed (ELF), for Firecracker
         manifest.json   what the image is made of (see builder)
         build.log
         verify.json     written by verification, next to the image

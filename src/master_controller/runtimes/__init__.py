@@ -5,32 +5,27 @@ from __future__ import annotations
 from master_controller.errors import ConfigError, RuntimeUnavailable
 from master_controller.runtimes.base import ProbeResult, Runtime
 from master_controller.runtimes.container import ContainerRuntime
+from master_controller.runtimes.firecracker import FirecrackerRuntime
 from master_controller.runtimes.qemu import QemuRuntime
 from master_controller.settings import Settings
 
 RUNTIMES: dict[str, type[Runtime]] = {
     ContainerRuntime.name: ContainerRuntime,
     QemuRuntime.name: QemuRuntime,
+    FirecrackerRuntime.name: FirecrackerRuntime,
 }
 
 # Best isolation first; the first whose probe passes is the default.
 PREFERENCE = ("firecracker", "qemu", "container")
-PLANNED = {
-    "firecracker": "the Firecracker runtime is not implemented yet",
-}
 
 
 def probe_all(settings: Settings) -> dict[str, ProbeResult]:
-    results = {}
-    for name in PREFERENCE:
-        cls = RUNTIMES.get(name)
-        results[name] = cls.probe(settings) if cls else ProbeResult(False, PLANNED[name])
-    return results
+    return {name: RUNTIMES[name].probe(settings) for name in PREFERENCE}
 
 
 def get_runtime(name: str, settings: Settings) -> Runtime:
     """The runtime ``name`` if this host can run it; otherwise RuntimeUnavailable says why."""
-    if name not in RUNTIMES and name not in PLANNED:
+    if name not in RUNTIMES:
         raise ConfigError(f"unknown runtime {name!r}; known: {', '.join(PREFERENCE)}")
     result = probe_all(settings)[name]
     if not result.usable:

@@ -8,9 +8,9 @@ session of its own, with its QMP socket in the guest's folder.
 Hibernate pauses the VM and migrates its memory and device state to a file next to the disk
 overlay (QMP), then stops QEMU; resume starts QEMU with ``-incoming`` from that file.
 
-Acceleration: TCG. (On the machines we develop on /dev/kvm opens but stock guest kernels die
-under it, so KVM must be proven by a probe boot before it is used; that probe is not built
-yet.)
+Acceleration: KVM where a probe boot has shown it works (:mod:`.kvm`), TCG otherwise. The
+choice is recorded per guest, so a hibernated guest resumes with the accelerator it was
+saved under.
 """
 
 from __future__ import annotations
@@ -42,15 +42,16 @@ from master_controller.runtimes.base import (
     GuestStatus,
     ProbeResult,
 )
+from master_controller.runtimes.config_drive import make_config_drive
 from master_controller.runtimes.hosted import HostedRuntime
+from master_controller.runtimes.kvm import kvm_probe
 from master_controller.runtimes.qmp import Qmp
 from master_controller.settings import Settings
 from master_controller.steps import StepLog
-from mc_agent.config import CONFIG_NAME, DRIVE_LABEL, GuestConfig
+from mc_agent.config import GuestConfig
 
 QEMU = "qemu-system-x86_64"
 TAP = "tap0"
-CONFIG_DRIVE_MIB = 8
 STATE_FILE = "memory.state"
 
 
@@ -64,9 +65,12 @@ class QemuRuntime(HostedRuntime):
         missing = [t for t in (QEMU, "qemu-img", "mkfs.ext4", "nft") if shutil.which(t) is None]
         if missing:
             return ProbeResult(False, f"not installed: {', '.join(missing)} (qemu-system-x86)")
+        kvm = kvm_probe(settings)
+        if kvm.usable:
+            return ProbeResult(True, f"QEMU with KVM ({kvm.reason} in {kvm.seconds}s)")
         return ProbeResult(
             True,
-            "QEMU with TCG (software emulation; KVM is not used until a probe boot proves it)",
+            f"QEMU with TCG, software emulation: KVM is not usable ({kvm.reason})",
             fallback_only=True,
         )
 
@@ -76,8 +80,12 @@ class QemuRuntime(HostedRuntime):
         with steps.step("disk layer"):
             _make_overlay(image.disk, folder / "disk.qcow2")
         with steps.step("config drive"):
-            _make_config_drive(config, folder)
-        return {"kernel": str(image.path / "vmlinuz"), "initrd": str(image.path / "initrd.img")}
+            make_config_drive(config, folder)
+        return {
+            "kernel": str(image.path / "vmlinuz"),
+            "initrd": str(image.path / "initrd.img"),
+            "accel": "kvm" if kvm_probe(self.settings).usable else "tcg",
+        }
 
     async def start(self, guest: GuestState, steps: StepLog | None = None) -> None:
         self.check_startable(guest)
@@ -116,11 +124,12 @@ class QemuRuntime(HostedRuntime):
             raise self.start_failed(guest, step, exc) from exc
 
     def _argv(self, guest: GuestState, folder: Path) -> list[str]:
+        accel = guest.resources.get("accel", "tcg")
         return [
             QEMU,
             "-name", f"mc-{guest.guest_id[:40]}",
-            "-machine", "q35,accel=tcg",
-            "-cpu", "max",
+            "-machine", f"q35,accel={accel}",
+            "-cpu", "host" if accel == "kvm" else "max",
             "-smp", str(self.settings.vm_cpus),
             "-m", str(self.settings.vm_memory_mib),
             "-nodefaults", "-no-user-config", "-display", "none",
@@ -213,17 +222,3 @@ def _make_overlay(backing: Path, overlay: Path) -> None:
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", "raw", overlay])
     except CommandError as exc:
         raise GuestStartFailed("disk layer", exc.reason) from exc
-
-
-def _make_config_drive(config: GuestConfig, folder: Path) -> None:
-    source = folder / "config"
-    source.mkdir()
-    (source / CONFIG_NAME).write_text(config.to_json())
-    (source / CONFIG_NAME).chmod(0o600)
-    drive = folder / "config.img"
-    with drive.open("wb") as fh:
-        fh.truncate(CONFIG_DRIVE_MIB * 2**20)
-    try:
-        run(["mkfs.ext4", "-q", "-F", "-L", DRIVE_LABEL, "-d", source, drive])
-    except CommandError as exc:
-        raise GuestStartFailed("config drive", exc.reason) from exc

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 from master_controller.auth import Tickets
 from master_controller.errors import (
@@ -23,6 +24,7 @@ from master_controller.errors import (
     NoImage,
     ProbeError,
     SessionNotFound,
+    SessionStateError,
     TooManySessions,
 )
 from master_controller.images.store import ImageStore
@@ -34,6 +36,7 @@ from master_controller.readiness import (
     websocket_upgrade,
 )
 from master_controller.runtimes.base import GuestSecrets, GuestState, GuestStatus, Runtime
+from master_controller.sessions.agent import GuestAgent
 from master_controller.sessions.states import ACTIVE, TERMINAL, VIEWABLE, State, check_transition
 from master_controller.settings import Settings
 from master_controller.steps import StepLog, StepRecord
@@ -288,6 +291,15 @@ class SessionManager:
         for step, check in checks.items():
             await self._timed_step(session_id, step, check, deadline, give_up)
 
+    async def open_url(self, session_id: str, url: str) -> None:
+        """Open ``url`` in the session's guest Chromium (a new tab)."""
+        row = await self.get(session_id)
+        if State(row.state) not in VIEWABLE:
+            raise SessionStateError(f"session {session_id} is {row.state}; it has no browser now")
+        await GuestAgent(self.runtime, self.guest(row)).open_url(url)
+        async with self.db.session() as db:
+            await repo.add_event(db, session_id, "step", "open url", detail=_origin(url))
+
     async def cancel(self, session_id: str) -> SessionRow:
         return await self.end(session_id, State.TERMINATED, "cancelled")
 
@@ -398,3 +410,9 @@ VIEWER_COOKIE = "mc_viewer"
 
 def _path(url: str) -> str:
     return "/" + url.split("/", 3)[3]
+
+
+def _origin(url: str) -> str:
+    """Scheme and host of a URL, for events (its path and query may carry secrets)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}"

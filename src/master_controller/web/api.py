@@ -21,6 +21,7 @@ from master_controller.web.schemas import (
     USER_ID_PATTERN,
     EventView,
     OkResponse,
+    OpenUrlRequest,
     SessionView,
     StartRequest,
     StartResponse,
@@ -127,6 +128,17 @@ async def resume_users_vm(
     """Resume the user's newest hibernated session."""
     row = await _users_session(svc, who, user_id, {State.HIBERNATED.value})
     return await session_view(svc, await svc.sessions.resume(row.id))
+
+
+@router.post("/auth/session/{session_id}/open-url", response_model=OkResponse)
+async def open_url(
+    body: OpenUrlRequest,
+    row: SessionRow = Depends(owned_session),
+    svc: Services = Depends(services),
+) -> OkResponse:
+    """Open an http(s) URL in a new tab of the session's guest Chromium."""
+    await svc.sessions.open_url(row.id, body.url)
+    return OkResponse(status=(await svc.sessions.get(row.id)).state)
 
 
 @router.post("/auth/session/{session_id}/heartbeat", response_model=OkResponse)

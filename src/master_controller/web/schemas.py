@@ -23,6 +23,15 @@ class StartRequest(Camel):
     provider: Provider = Field(description="The CLI tool to sign in to.")
 
 
+class OpenUrlRequest(Camel):
+    url: str = Field(
+        min_length=8,
+        max_length=8192,
+        pattern=r"^https?://[^\s]+$",
+        description="An http(s) URL to open in the guest's Chromium.",
+    )
+
+
 class StartResponse(Camel):
     success: bool = True
     session_id: str

@@ -1,0 +1,269 @@
+"""The Firecracker runtime: a Firecracker microVM per guest, driven over its HTTP API.
+
+Per guest: a copy-on-write copy of the image's raw ext4 disk (a reflink where the file
+system can, otherwise a sparse copy: Firecracker has no backing-file format), the same
+MCCONFIG config drive as QEMU guests, and a network namespace in which Firecracker's tap
+is bridged with the veth to the host. The kernel is the image's uncompressed ``vmlinux``.
+
+Hibernate pauses the VM (``PATCH /vm``), writes a full snapshot (``PUT /snapshot/create``:
+device state plus a memory file) next to the disk and stops Firecracker; resume starts a
+new Firecracker process in the same namespace (the tap has the same name) and loads the
+snapshot with ``resume_vm``.
+
+Usable only where the ``firecracker`` binary is found and a probe boot shows KVM works.
+Guests need a kernel that finds Firecracker's virtio-mmio devices: through ACPI (Firecracker
+1.8 and later describe them in the DSDT) or ``CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+import signal
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+from master_controller.errors import (
+    CommandError,
+    GuestError,
+    GuestStartFailed,
+    GuestStateError,
+    MCError,
+)
+from master_controller.images.store import ImageInfo
+from master_controller.network import netns
+from master_controller.proc import run
+from master_controller.process import ProcessRef, spawn
+from master_controller.runtimes.base import GuestState, GuestStatus, ProbeResult
+from master_controller.runtimes.config_drive import make_config_drive
+from master_controller.runtimes.firecracker_api import (
+    BootSource,
+    Drive,
+    FirecrackerApi,
+    InstanceStart,
+    MachineConfig,
+    MemBackend,
+    NetworkInterface,
+    SendCtrlAltDel,
+    SnapshotCreate,
+    SnapshotLoad,
+    VmState,
+)
+from master_controller.runtimes.hosted import HostedRuntime
+from master_controller.runtimes.kvm import kvm_probe
+from master_controller.settings import Settings
+from master_controller.steps import StepLog
+from mc_agent.config import GuestConfig
+
+TAP = "tap0"
+BOOT_ARGS = "console=ttyS0 reboot=k panic=1 root=/dev/vda rw quiet"
+SNAPSHOT_FILE = "vm.snapshot"
+MEMORY_FILE = "vm.memory"
+
+
+def guest_mac(guest_id: str) -> str:
+    """A stable, locally administered unicast MAC for the guest's NIC."""
+    digest = hashlib.sha256(guest_id.encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x06, 0x00, *digest[:4]))
+
+
+class FirecrackerRuntime(HostedRuntime):
+    guest_configures_network = True
+
+    name = "firecracker"
+
+    @classmethod
+    def probe(cls, settings: Settings) -> ProbeResult:
+        binary = shutil.which(settings.firecracker_binary)
+        if binary is None:
+            return ProbeResult(False, f"the {settings.firecracker_binary!r} binary is not on PATH")
+        if shutil.which("nft") is None or shutil.which("mkfs.ext4") is None:
+            return ProbeResult(False, "nft and mkfs.ext4 are needed (nftables, e2fsprogs)")
+        kvm = kvm_probe(settings)
+        if not kvm.usable:
+            return ProbeResult(False, f"{binary} is installed but KVM is not usable: {kvm.reason}")
+        return ProbeResult(True, f"{binary} with KVM ({kvm.reason})")
+
+    def prepare(
+        self, folder: Path, image: ImageInfo, config: GuestConfig, steps: StepLog
+    ) -> dict[str, Any]:
+        kernel = image.path / "vmlinux"
+        if not kernel.is_file():
+            raise GuestStartFailed(
+                "kernel", f"image {image.id} has no vmlinux; rebuild it with `image build`"
+            )
+        with steps.step("disk copy") as rec:
+            started = time.monotonic()
+            try:
+                run(["cp", "--reflink=auto", "--sparse=always", image.disk, folder / "disk.ext4"])
+            except CommandError as exc:
+                raise GuestStartFailed("disk copy", exc.reason) from exc
+            rec.detail = f"{(folder / 'disk.ext4').stat().st_blocks * 512 / 2**20:.0f} MiB"
+            copy_seconds = round(time.monotonic() - started, 2)
+        with steps.step("config drive"):
+            make_config_drive(config, folder)
+        return {
+            "kernel": str(kernel),
+            "initrd": str(image.path / "initrd.img"),
+            "disk_copy_seconds": copy_seconds,
+        }
+
+    async def start(self, guest: GuestState, steps: StepLog | None = None) -> None:
+        self.check_startable(guest)
+        await self._launch(guest, steps or StepLog(), restore=False)
+
+    async def _launch(self, guest: GuestState, steps: StepLog, restore: bool) -> None:
+        folder = self.guest_dir(guest.guest_id)
+        socket = folder / "firecracker.sock"
+        step = "network"
+        try:
+            async with AsyncExitStack() as undo:
+                with steps.step(step):
+                    link = await self.network_up(guest, undo, tap=TAP, reuse=restore)
+                step = "restore" if restore else "boot"
+                with steps.step(step):
+                    socket.unlink(missing_ok=True)
+                    if not restore:
+                        (folder / "console.log").unlink(missing_ok=True)
+                    argv = [self.settings.firecracker_binary, "--api-sock", str(socket)]
+                    process = spawn(
+                        ["ip", "netns", "exec", link.namespace, *argv], folder / "console.log"
+                    )
+                    undo.callback(process.signal, signal.SIGKILL)
+                    async with FirecrackerApi(socket) as api:
+                        if restore:
+                            await self._load_snapshot(api, folder)
+                        else:
+                            await self._configure_and_boot(api, guest, folder)
+                    guest.resources["process"] = process.model_dump()
+                guest.status = GuestStatus.RUNNING
+                guest.reason = ""
+                self.save(guest)
+                undo.pop_all()
+        except (MCError, OSError) as exc:
+            raise self.start_failed(guest, step, exc) from exc
+
+    async def _configure_and_boot(
+        self, api: FirecrackerApi, guest: GuestState, folder: Path
+    ) -> None:
+        settings = self.settings
+        await api.put(
+            "machine-config",
+            MachineConfig(vcpu_count=settings.vm_cpus, mem_size_mib=settings.vm_memory_mib),
+        )
+        await api.put(
+            "boot-source",
+            BootSource(
+                kernel_image_path=guest.resources["kernel"],
+                initrd_path=guest.resources["initrd"],
+                boot_args=BOOT_ARGS,
+            ),
+        )
+        for drive in (
+            Drive(
+                drive_id="rootfs",
+                path_on_host=str(folder / "disk.ext4"),
+                is_root_device=True,
+                is_read_only=False,
+            ),
+            Drive(
+                drive_id="config",
+                path_on_host=str(folder / "config.img"),
+                is_root_device=False,
+                is_read_only=True,
+            ),
+        ):
+            await api.put(f"drives/{drive.drive_id}", drive)
+        await api.put(
+            "network-interfaces/eth0",
+            NetworkInterface(
+                iface_id="eth0", host_dev_name=TAP, guest_mac=guest_mac(guest.guest_id)
+            ),
+        )
+        await api.put("actions", InstanceStart())
+
+    async def _load_snapshot(self, api: FirecrackerApi, folder: Path) -> None:
+        await api.put(
+            "snapshot/load",
+            SnapshotLoad(
+                snapshot_path=str(folder / SNAPSHOT_FILE),
+                mem_backend=MemBackend(backend_path=str(folder / MEMORY_FILE)),
+                resume_vm=True,
+            ),
+        )
+        state = (await api.instance()).get("state")
+        if state != "Running":
+            raise GuestError(f"the restored VM is {state!r}, not Running")
+
+    async def stop(self, guest: GuestState) -> None:
+        await self._shutdown(guest, graceful=True)
+        guest.status = GuestStatus.STOPPED
+        self.save(guest)
+
+    async def hibernate(self, guest: GuestState) -> None:
+        """Pause, write a full snapshot next to the disk, stop Firecracker. The network
+        stays, so the restored VM finds its tap under the same name."""
+        if self.status(guest) != GuestStatus.RUNNING:
+            raise GuestStateError(f"guest {guest.guest_id} is {guest.status}, not running")
+        folder = self.guest_dir(guest.guest_id)
+        started = time.monotonic()
+        async with FirecrackerApi(folder / "firecracker.sock", timeout=300) as api:
+            await api.patch("vm", VmState(state="Paused"))
+            try:
+                await api.put(
+                    "snapshot/create",
+                    SnapshotCreate(
+                        snapshot_path=str(folder / SNAPSHOT_FILE),
+                        mem_file_path=str(folder / MEMORY_FILE),
+                    ),
+                )
+            except GuestError:
+                await api.patch("vm", VmState(state="Resumed"))
+                raise
+        process = ProcessRef.model_validate(guest.resources.pop("process"))
+        process.signal(signal.SIGKILL)
+        await process.wait(5)
+        guest.resources["snapshot"] = {
+            "file": str(folder / SNAPSHOT_FILE),
+            "bytes": sum((folder / f).stat().st_size for f in (SNAPSHOT_FILE, MEMORY_FILE)),
+            "seconds": round(time.monotonic() - started, 2),
+        }
+        guest.status = GuestStatus.HIBERNATED
+        self.save(guest)
+
+    async def resume(self, guest: GuestState, steps: StepLog | None = None) -> None:
+        if guest.status != GuestStatus.HIBERNATED:
+            raise GuestStateError(f"guest {guest.guest_id} is {guest.status}, not hibernated")
+        await self._launch(guest, steps or StepLog(), restore=True)
+        folder = self.guest_dir(guest.guest_id)
+        for name in (SNAPSHOT_FILE, MEMORY_FILE):
+            (folder / name).unlink(missing_ok=True)
+        guest.resources.pop("snapshot", None)
+        self.save(guest)
+
+    async def destroy(self, guest: GuestState) -> None:
+        await self._shutdown(guest)
+        self.addresses.release(guest.guest_id)
+        shutil.rmtree(self.guest_dir(guest.guest_id), ignore_errors=True)
+        guest.status = GuestStatus.DESTROYED
+
+    async def _shutdown(self, guest: GuestState, graceful: bool = False) -> None:
+        """Stop the VMM (its disk stays), then remove the guest's network. ``graceful``
+        first asks the guest to power off (Ctrl+Alt+Del, Firecracker's only orderly way on
+        x86) and waits ``stop_timeout``."""
+        guest.resources.pop("snapshot", None)
+        data = guest.resources.pop("process", None)
+        if data:
+            process = ProcessRef.model_validate(data)
+            if graceful and process.alive():
+                socket = self.guest_dir(guest.guest_id) / "firecracker.sock"
+                with contextlib.suppress(GuestError):
+                    async with FirecrackerApi(socket, timeout=2) as api:
+                        await api.put("actions", SendCtrlAltDel())
+                await process.wait(self.settings.stop_timeout)
+            if process.signal(signal.SIGKILL):
+                await process.wait(5)
+        await netns.aremove(self.link(guest))
