@@ -15,6 +15,7 @@ from master_controller.images.builder import ImageBuilder
 from master_controller.images.recipe import Recipe
 from master_controller.images.store import ImageStore
 from master_controller.images.verify import Verifier
+from master_controller.runtimes import RUNTIMES
 from master_controller.runtimes.container import ContainerRuntime
 from master_controller.settings import REPO_ROOT, Settings
 from tests.servers import have_postgresql, postgresql_database, postgresql_server
@@ -56,9 +57,10 @@ def integration_settings() -> Settings:
     require_tools("mmdebstrap", "systemd-nspawn", "mkfs.ext4")
     settings = Settings(data_dir=TEST_DATA_DIR, guest_network="10.213.128.0/20")
     # guests an interrupted earlier run left behind: found by their recorded state only
-    runtime = ContainerRuntime(settings)
-    for guest in runtime.guests():
-        asyncio.run(runtime.destroy(guest))
+    for runtime_class in RUNTIMES.values():
+        runtime = runtime_class(settings)
+        for guest in runtime.guests():
+            asyncio.run(runtime.destroy(guest))
     return settings
 
 

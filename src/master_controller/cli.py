@@ -24,6 +24,7 @@ from master_controller.images.store import ImageStore
 from master_controller.images.verify import Verifier
 from master_controller.runtimes import RUNTIMES, best_runtime, get_runtime, probe_all
 from master_controller.runtimes.base import Runtime
+from master_controller.runtimes.kvm import kvm_probe
 from master_controller.settings import Settings, get_settings
 from master_controller.steps import StepLog
 from master_controller.store import repo
@@ -227,8 +228,10 @@ def doctor(as_json: bool = typer.Option(False, "--json")) -> None:
     except MCError:
         chosen = None
     store = ImageStore(settings.images_dir)
+    kvm = kvm_probe(settings)
     report = {
         "dataDir": str(settings.data_dir),
+        "kvm": {"usable": kvm.usable, "reason": kvm.reason, "seconds": kvm.seconds},
         "runtimes": {n: {"usable": r.usable, "reason": r.reason} for n, r in probes.items()},
         "chosenRuntime": chosen,
         "currentImage": store.current(),
@@ -242,6 +245,7 @@ def doctor(as_json: bool = typer.Option(False, "--json")) -> None:
         mark = "[green]yes[/]" if result.usable else "[red]no[/]"
         table.add_row(name + (" (chosen)" if name == chosen else ""), mark, result.reason)
     console.print(table)
+    console.print(f"KVM: {'usable' if kvm.usable else 'not usable'} ({kvm.reason})")
     console.print(f"data dir: {settings.data_dir}")
     console.print(f"current image: {report['currentImage'] or 'none (run `image build`)'}")
 
