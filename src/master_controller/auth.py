@@ -23,7 +23,8 @@ from master_controller.store import repo
 from master_controller.store.models import ApiKeyRow, utcnow
 
 KEY_PREFIX = "mc_"
-SCOPES = ("sessions", "admin")
+# "export" is never implied by "admin": taking decrypted credentials needs it by name.
+SCOPES = ("sessions", "admin", "export")
 DEFAULT_SCOPES = ("sessions",)
 
 

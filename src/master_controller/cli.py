@@ -39,6 +39,8 @@ apikey_app = typer.Typer(help="API keys for API callers.", no_args_is_help=True)
 app.add_typer(apikey_app, name="apikey")
 session_app = typer.Typer(help="Sign-in sessions.", no_args_is_help=True)
 app.add_typer(session_app, name="session")
+vault_app = typer.Typer(help="The credential vault's keys.", no_args_is_help=True)
+app.add_typer(vault_app, name="vault")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -293,7 +295,9 @@ def _run_db(action: Callable[[AsyncSession], Awaitable[T]]) -> T:
 @apikey_app.command("create")
 def apikey_create(
     name: str,
-    scope: list[str] = typer.Option(["sessions"], help="Scopes: sessions, admin."),
+    scope: list[str] = typer.Option(
+        ["sessions"], help="Scopes: sessions, admin, export (decrypted credentials)."
+    ),
 ) -> None:
     """Create an API key and print it once (only its digest is stored)."""
     with reported():
@@ -428,3 +432,27 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@vault_app.command("rotate")
+def vault_rotate() -> None:
+    """A new vault key; every stored credential is re-encrypted with it, old keys dropped."""
+    from master_controller.credentials import CredentialStore
+    from master_controller.vault import Vault
+
+    settings = get_settings()
+
+    async def go() -> tuple[str, int, list[str]]:
+        database = Database(settings.database)
+        try:
+            return await CredentialStore(database, Vault.open(settings)).rotate()
+        finally:
+            await database.close()
+
+    with reported():
+        Database(settings.database).migrate()
+        new_key, count, retired = asyncio.run(go())
+    console.print(
+        f"vault key {new_key} is current; {count} records re-encrypted; "
+        f"retired: {', '.join(retired) or 'none'}"
+    )

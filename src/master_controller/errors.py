@@ -144,3 +144,13 @@ class TooManySessions(SessionError):
 
 class NoImage(SessionError):
     status = 503
+
+
+class VaultError(MCError):
+    """A stored credential cannot be decrypted (wrong key, or the record was altered)."""
+
+    status = 500
+
+
+class CredentialsNotFound(MCError):
+    status = 404

@@ -17,6 +17,7 @@ def run(
     log: IO[str] | None = None,
     timeout: float | None = None,
     input_text: str | None = None,
+    cwd: Path | None = None,
 ) -> str:
     """Run ``argv``; return its output (stdout and stderr together), raise CommandError on
     failure. With ``log``, the output is also appended there."""
@@ -34,6 +35,7 @@ def run(
             errors="replace",
             timeout=timeout,
             check=False,
+            cwd=cwd,
         )
     except FileNotFoundError as exc:
         raise CommandError(args, 127, f"{args[0]}: command not found") from exc

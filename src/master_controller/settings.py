@@ -11,8 +11,9 @@ import os
 from functools import lru_cache
 from ipaddress import IPv4Network
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -80,6 +81,33 @@ class Settings(BaseSettings):
     firecracker_binary: str = Field(
         "firecracker", description="The Firecracker binary (a path, or a name on PATH)."
     )
+    egress_port: int = Field(
+        3180,
+        ge=0,
+        le=65535,
+        description="Port of the egress proxy guests reach on their gateway address; 0 "
+        "turns guest egress off.",
+    )
+    egress_hosts: dict[str, str] = Field(
+        default_factory=dict,
+        description="Host name -> address the egress proxy connects to instead of resolving "
+        "it (split-horizon names, or a local identity provider).",
+    )
+    vault_key_file: Path | None = Field(
+        None, description="The vault's key file (default <data_dir>/vault.keys, made 0600)."
+    )
+    vault_key: SecretStr | None = Field(
+        None, description="The vault key itself (base64 of 32 bytes) instead of a key file."
+    )
+    after_capture: Literal["hibernate", "destroy"] = Field(
+        "hibernate", description="What happens to a guest once its credentials are stored."
+    )
+    oauth2_authorize_url: str | None = Field(
+        None, description="The oauth2 provider's authorization endpoint."
+    )
+    oauth2_token_url: str | None = Field(None, description="The oauth2 provider's token endpoint.")
+    oauth2_client_id: str | None = Field(None, description="The oauth2 provider's client id.")
+    oauth2_scope: str = Field("", description="Scopes the oauth2 provider asks for.")
     max_sessions: int = Field(6, ge=1, description="Concurrent live sessions on this host.")
     idle_timeout: float = Field(
         600.0, description="Seconds a ready session may go without a viewer before it ends."
@@ -132,6 +160,10 @@ class Settings(BaseSettings):
     @property
     def base_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def vault_key_path(self) -> Path:
+        return self.vault_key_file or self.data_dir / "vault.keys"
 
     @property
     def secret_key_path(self) -> Path:

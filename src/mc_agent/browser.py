@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pwd
 import subprocess
+import sys
 import threading
+import time
 from urllib.parse import urlsplit
 
 BROWSER_USER = "browser"
@@ -13,8 +17,8 @@ SCHEMES = ("http", "https", "data")
 MAX_URL = 8192
 
 
-def open_url(url: str) -> str:
-    """Validate ``url`` and hand it to the running Chromium; ValueError says what is wrong."""
+def check_url(url: str) -> str:
+    """``url`` if it may be opened; ValueError says what is wrong."""
     if not url or len(url) > MAX_URL:
         raise ValueError(f"url must be 1 to {MAX_URL} characters")
     parts = urlsplit(url)
@@ -24,19 +28,18 @@ def open_url(url: str) -> str:
         raise ValueError("url has no host")
     if any(ord(c) < 32 for c in url):
         raise ValueError("url contains control characters")
+    return url
+
+
+def open_url(url: str) -> str:
+    """Validate ``url`` and hand it to the running Chromium (a new tab of its profile)."""
+    check_url(url)
     env = {"DISPLAY": ":1", "HOME": f"/home/{BROWSER_USER}", "PATH": os.environ.get("PATH", "")}
     # argument list, no shell; "--" ends the options, so a URL can never become a flag
+    chromium = ["/usr/bin/chromium", f"--user-data-dir={PROFILE}", "--", url]
+    as_browser = os.geteuid() == pwd.getpwnam(BROWSER_USER).pw_uid
     proc = subprocess.Popen(
-        [
-            "runuser",
-            "-u",
-            BROWSER_USER,
-            "--",
-            "/usr/bin/chromium",
-            f"--user-data-dir={PROFILE}",
-            "--",
-            url,
-        ],
+        chromium if as_browser else ["runuser", "-u", BROWSER_USER, "--", *chromium],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -45,3 +48,22 @@ def open_url(url: str) -> str:
     )
     threading.Thread(target=proc.wait, daemon=True).start()  # reap it when it is done
     return url
+
+
+def browser_command(argv: list[str]) -> int:
+    """``$BROWSER`` for login CLIs (``mc-browser URL``): record the URL for the agent, then
+    open it in the running Chromium."""
+    if len(argv) != 1:
+        print("usage: mc-browser URL", file=sys.stderr)
+        return 2
+    try:
+        url = check_url(argv[0])
+    except ValueError as exc:
+        print(f"mc-browser: {exc}", file=sys.stderr)
+        return 2
+    record = os.environ.get("MC_LOGIN_URLS")
+    if record:
+        with open(record, "a") as fh:
+            fh.write(json.dumps({"url": url, "at": time.time()}) + "\n")
+    open_url(url)
+    return 0

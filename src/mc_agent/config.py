@@ -24,6 +24,7 @@ DRIVE_LABEL = "MCCONFIG"
 RUN_DIR = Path("/run/mc")
 BROWSER_USER = "browser"
 
+_PROXY = re.compile(r"^http://[0-9.]+:[0-9]{1,5}$")
 _HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
@@ -40,6 +41,8 @@ class GuestConfig:
     # VMs configure their own NIC: "10.213.0.2/30"; containers get theirs from the host.
     address: str | None = None
     gateway: str | None = None
+    # the per-guest egress proxy on the host, "http://10.213.0.1:3180"; None: no egress
+    egress_proxy: str | None = None
 
     @classmethod
     def from_json(cls, text: str) -> GuestConfig:
@@ -67,6 +70,9 @@ class GuestConfig:
                 ipaddress.ip_address(str(gateway))
         except ValueError as exc:
             raise ConfigError(f"invalid network configuration: {exc}") from exc
+        proxy = data.get("egress_proxy")
+        if proxy is not None and not _PROXY.match(str(proxy)):
+            raise ConfigError(f"invalid egress_proxy {str(proxy)[:80]!r}")
         return cls(
             guest_id=str(data["guest_id"]),
             vnc_password=password,
@@ -74,6 +80,7 @@ class GuestConfig:
             hostname=hostname,
             address=None if address is None else str(address),
             gateway=None if gateway is None else str(gateway),
+            egress_proxy=None if proxy is None else str(proxy),
         )
 
     def to_json(self) -> str:
@@ -143,6 +150,14 @@ def apply(config: GuestConfig, run_dir: Path = RUN_DIR) -> None:
     _write_secret(run_dir / "vncpasswd", config.vnc_password + "\n", browser.pw_uid, browser.pw_gid)
     _write_secret(run_dir / "agent-token", config.agent_token)
     (run_dir / "guest-id").write_text(config.guest_id + "\n")
+    proxy_env = run_dir / "proxy.env"
+    if config.egress_proxy:
+        names = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")
+        lines = [f"{n}={config.egress_proxy}" for n in names]
+        lines += ["no_proxy=localhost,127.0.0.1,::1", "NO_PROXY=localhost,127.0.0.1,::1"]
+        proxy_env.write_text("\n".join(lines) + "\n")
+    else:
+        proxy_env.unlink(missing_ok=True)
     configure_network(config)
     # a container may not be allowed to set its hostname; nothing depends on it
     with contextlib.suppress(OSError, subprocess.CalledProcessError):

@@ -1,22 +1,57 @@
-"""The agent's HTTP API (standard library only; the guest has no other Python packages)."""
+"""The agent's HTTP API (standard library only; the guest has no other Python packages).
+
+Every route needs the guest's token as a bearer token:
+
+- ``GET /health``: each service with its state and version, the windows on :1, boot id
+- ``POST /open-url`` ``{"url"}``: open a URL in Chromium
+- ``POST /login`` ``{"provider", "options"}``: start a provider's login in a terminal on :1
+- ``GET /login``: its state, the captured auth URL, prompts answered, credential status
+- ``GET /credentials/status``: whether valid credentials are there (and why not)
+- ``POST /credentials/fetch``: the credential files, once (then 410)
+- ``GET /events?after=N``: a server-sent event stream of what happened
+"""
 
 from __future__ import annotations
 
 import hmac
 import json
+import subprocess
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
-from mc_agent import AGENT_PORT, browser, health
+from mc_agent import AGENT_PORT, browser, health, providers
+from mc_agent.events import EventLog
+from mc_agent.login import Login
 
 TOKEN_FILE = Path("/run/mc/agent-token")
+MAX_BODY = 16 * 1024
+STREAM_SECONDS = 300.0
+
+
+class Agent:
+    """What the routes share: the event log and the current login."""
+
+    def __init__(self) -> None:
+        self.events = EventLog()
+        self.login: Login | None = None
+
+    def start_login(self, provider: str, options: dict[str, str]) -> Login:
+        login = Login(providers.get(provider), options, self.events)
+        if self.login is not None:
+            self.login.stop()
+        self.login = login
+        login.start()
+        return login
 
 
 class AgentHandler(BaseHTTPRequestHandler):
     server_version = "mc-agent/1"
+    protocol_version = "HTTP/1.1"
     token: bytes = b""
+    agent = Agent()
 
     def _send(self, status: HTTPStatus, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
@@ -29,33 +64,103 @@ class AgentHandler(BaseHTTPRequestHandler):
     def _authorized(self) -> bool:
         header = self.headers.get("Authorization", "")
         scheme, _, value = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(value.encode(), self.token)
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(value.encode(), self.token)
+        if not ok:
+            self._send(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong agent token"})
+        return ok
+
+    def _body(self) -> dict[str, Any]:
+        length = int(self.headers.get("Content-Length", "0") or 0)
+        if length > MAX_BODY:
+            raise ValueError("request too large")
+        body = json.loads(self.rfile.read(length) or b"{}")
+        if not isinstance(body, dict):
+            raise ValueError("the body must be a JSON object")
+        return body
 
     def do_POST(self) -> None:
         if not self._authorized():
-            self._send(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong agent token"})
             return
-        if self.path != "/open-url":
-            self._send(HTTPStatus.NOT_FOUND, {"error": f"no route {self.path}"})
-            return
+        path = urlsplit(self.path).path
         try:
-            length = int(self.headers.get("Content-Length", "0"))
-            if length > browser.MAX_URL + 100:
-                raise ValueError("request too large")
-            body = json.loads(self.rfile.read(length) or b"{}")
-            url = browser.open_url(str(body.get("url", "")))
-        except ValueError as exc:
+            body = self._body()
+            if path == "/open-url":
+                self._send(HTTPStatus.OK, {"opened": browser.open_url(str(body.get("url", "")))})
+            elif path == "/login":
+                options = body.get("options") or {}
+                if not isinstance(options, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in options.items()
+                ):
+                    raise ValueError("options must be an object of strings")
+                login = self.agent.start_login(str(body.get("provider", "")), options)
+                self._send(HTTPStatus.ACCEPTED, login.describe())
+            elif path == "/credentials/fetch":
+                current = self._login()
+                if current is None:
+                    return
+                fetched = current.fetch()
+                if fetched is None:
+                    self._send(HTTPStatus.GONE, {"error": "the credentials were fetched already"})
+                else:
+                    self._send(HTTPStatus.OK, fetched)
+            else:
+                self._send(HTTPStatus.NOT_FOUND, {"error": f"no route {path}"})
+        except providers.ProviderError as exc:
+            self._send(
+                HTTPStatus.CONFLICT if path == "/credentials/fetch" else HTTPStatus.BAD_REQUEST,
+                {"error": str(exc)},
+            )
+        except (ValueError, json.JSONDecodeError) as exc:
             self._send(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
-            return
-        self._send(HTTPStatus.OK, {"opened": url})
+        except (OSError, subprocess.SubprocessError) as exc:
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{path} failed: {exc}"})
+
+    def _login(self) -> Login | None:
+        if self.agent.login is None:
+            self._send(HTTPStatus.NOT_FOUND, {"error": "no login has been started"})
+        return self.agent.login
 
     def do_GET(self) -> None:
         if not self._authorized():
-            self._send(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong agent token"})
-        elif self.path == "/health":
+            return
+        parts = urlsplit(self.path)
+        if parts.path == "/health":
             self._send(HTTPStatus.OK, health.report())
+        elif parts.path == "/login":
+            if (login := self._login()) is not None:
+                self._send(HTTPStatus.OK, login.describe())
+        elif parts.path == "/credentials/status":
+            if (login := self._login()) is not None:
+                status = login.check_credentials()
+                self._send(HTTPStatus.OK, {"provider": login.provider.name, **status.as_dict()})
+        elif parts.path == "/events":
+            after = parse_qs(parts.query).get("after", ["0"])[0]
+            self._stream(int(after) if after.isdigit() else 0)
         else:
-            self._send(HTTPStatus.NOT_FOUND, {"error": f"no route {self.path}"})
+            self._send(HTTPStatus.NOT_FOUND, {"error": f"no route {parts.path}"})
+
+    def _stream(self, seq: int) -> None:
+        """Server-sent events, from ``seq`` on, until the client goes or time is up."""
+        import time
+
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        deadline = time.monotonic() + STREAM_SECONDS
+        try:
+            while time.monotonic() < deadline:
+                events = self.agent.events.since(seq, timeout=15)
+                if not events:
+                    self.wfile.write(b": keep-alive\n\n")
+                for event in events:
+                    seq = event["seq"]
+                    self.wfile.write(f"id: {seq}\ndata: {json.dumps(event)}\n\n".encode())
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            return
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # requests are not worth a journal line each
@@ -64,4 +169,5 @@ class AgentHandler(BaseHTTPRequestHandler):
 def serve(port: int = AGENT_PORT, token_file: Path = TOKEN_FILE) -> None:
     AgentHandler.token = token_file.read_text().strip().encode()
     httpd = ThreadingHTTPServer(("0.0.0.0", port), AgentHandler)
+    httpd.daemon_threads = True
     httpd.serve_forever()

@@ -43,6 +43,8 @@ from master_controller.steps import StepLog
 # or the image id (builder) changes with it.
 BASE_LAYER_VERSION = 1
 BUILDER_VERSION = 3  # 3: vmlinux for Firecracker
+TOOLS_LAYER_VERSION = 1
+TOOLS_DEST = "/opt/mc-tools"
 AGENT_DEST = "/usr/lib/mc/mc_agent"
 _USER = re.compile(r"^[a-z_][a-z0-9_-]{0,30}$")
 
@@ -221,6 +223,53 @@ class ImageBuilder:
         work.rename(layer)
         return layer, False
 
+    # --- tools layer (npm) ---------------------------------------------------------------------
+
+    def _tools_layer(self, recipe: Recipe, log: IO[str]) -> Path:
+        """The recipe's npm packages installed from its lock file (``npm ci``), cached by
+        the lock file's digest. Install scripts do not run: what the packages ship is what
+        the image gets."""
+        assert recipe.tools is not None
+        key = json_digest({"version": TOOLS_LAYER_VERSION, "tools": recipe.tools_digest()})[:24]
+        layer = self.layers_dir / f"tools-{key}"
+        if (layer / "layer.json").is_file():
+            log.write(f"tools layer {key}: cached at {layer}\n")
+            return layer
+        if shutil.which("npm") is None:
+            raise BuildError("the recipe installs npm packages but npm is not installed")
+        work = Path(tempfile.mkdtemp(prefix="tools-", dir=self.tmp_dir))
+        tree = work / "tree"
+        tree.mkdir()
+        for name in ("package.json", "package-lock.json"):
+            shutil.copyfile(recipe.tools / name, tree / name)
+        started = time.monotonic()
+        try:
+            run(
+                ["npm", "ci", "--no-audit", "--no-fund", "--ignore-scripts", "--omit=dev"],
+                log=log,
+                timeout=1800,
+                cwd=tree,
+            )
+        except CommandError as exc:
+            shutil.rmtree(work, ignore_errors=True)
+            raise BuildError(f"tools layer: {exc.reason}") from exc
+        bins = sorted(p.name for p in (tree / "node_modules" / ".bin").iterdir())
+        size = sum((Path(d) / f).lstat().st_size for d, _, names in os.walk(tree) for f in names)
+        write_json_atomic(
+            work / "layer.json",
+            {
+                "key": key,
+                "bins": bins,
+                "bytes": size,
+                "seconds": round(time.monotonic() - started, 1),
+                "created": _now(),
+            },
+        )
+        if layer.exists():
+            shutil.rmtree(layer)
+        work.rename(layer)
+        return layer
+
     # --- configuration layer ----------------------------------------------------------------
 
     def _configure(self, recipe: Recipe, rootfs: Path, log: IO[str]) -> str:
@@ -235,6 +284,11 @@ class ImageBuilder:
         for path in agent_files(recipe.agent):
             rel = path.relative_to(recipe.agent).as_posix()
             replace_file(rootfs, f"{AGENT_DEST}/{rel}", path.read_bytes())
+        if recipe.tools is not None:
+            tools = self._tools_layer(recipe, log)
+            dest = path_in_root(rootfs, TOOLS_DEST)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            run(["cp", "-al", tools / "tree", dest], log=log)
         enabled = [u.name for u in recipe.units if u.enable]
         if enabled:
             run(["chroot", rootfs, "systemctl", "enable", *enabled], log=log)
@@ -267,6 +321,8 @@ class ImageBuilder:
         self, recipe: Recipe, rootfs: Path, disk: Path, base: dict[str, Any], log: IO[str]
     ) -> dict[str, int]:
         content = int(base["tree"]["bytes"])
+        if recipe.tools is not None:
+            content += int(_read_json(self._tools_layer(recipe, log) / "layer.json")["bytes"])
         size_mib = int(content * 1.25 / 2**20) + recipe.disk_headroom_mib
         with disk.open("wb") as fh:
             fh.truncate(size_mib * 2**20)
@@ -335,6 +391,7 @@ class ImageBuilder:
                 "sources": base["sources"],
             },
             "config_layer": {"digest": json_digest(recipe.config_inputs())},
+            "tools_layer": _tools_manifest(recipe, rootfs),
             "packages": installed_packages(rootfs),
             "units": units,
             "agent": {"path": AGENT_DEST, "sha256": json_digest(agent), "files": agent},
@@ -351,6 +408,26 @@ class ImageBuilder:
         }
 
 
+def _tools_manifest(recipe: Recipe, rootfs: Path) -> dict[str, Any] | None:
+    """The npm packages installed at TOOLS_DEST, with versions, from the lock file."""
+    if recipe.tools is None:
+        return None
+    key = json_digest({"version": TOOLS_LAYER_VERSION, "tools": recipe.tools_digest()})[:24]
+    lock = json.loads((recipe.tools / "package-lock.json").read_text())
+    top = lock.get("packages", {}).get("", {}).get("dependencies", {})
+    installed = {
+        name: lock["packages"].get(f"node_modules/{name}", {}).get("version", "?")
+        for name in sorted(top)
+    }
+    bin_dir = path_in_root(rootfs, TOOLS_DEST) / "node_modules" / ".bin"
+    return {
+        "key": key,
+        "path": TOOLS_DEST,
+        "packages": installed,
+        "bins": sorted(p.name for p in bin_dir.iterdir()) if bin_dir.is_dir() else [],
+    }
+
+
 def prune_layers(settings: Settings) -> list[str]:
     """Remove cached base layers that no image in the store was built from."""
     store = ImageStore(settings.images_dir)
@@ -358,8 +435,9 @@ def prune_layers(settings: Settings) -> list[str]:
     layers_dir = settings.cache_dir / "layers"
     removed = []
     with store.locked():
-        for layer in sorted(layers_dir.glob("base-*")) if layers_dir.is_dir() else []:
-            if layer.name.removeprefix("base-") not in used:
+        used |= {info.manifest.get("tools_layer", {}).get("key") for info in store.images()}
+        for layer in sorted(layers_dir.glob("*-*")) if layers_dir.is_dir() else []:
+            if layer.name.split("-", 1)[1] not in used:
                 shutil.rmtree(layer)
                 removed.append(layer.name)
     return removed

@@ -70,6 +70,11 @@ class Recipe(BaseModel):
     units: tuple[UnitSpec, ...] = ()
     files: tuple[FileSpec, ...] = ()
     agent: Path = Field(description="Folder of the guest agent package copied into the image.")
+    tools: Path | None = Field(
+        None,
+        description="Folder with a package.json and package-lock.json of npm packages (the "
+        "CLI tools and their Node.js) installed into the image at /opt/mc-tools.",
+    )
     disk_headroom_mib: int = 512
     path: Path
 
@@ -116,7 +121,18 @@ class Recipe(BaseModel):
                 {"dest": f.dest, "mode": f.mode, "sha256": _digest(f.source)} for f in self.files
             ],
             "agent": tree_digest_of_sources(self.agent),
+            "tools": self.tools_digest(),
         }
+
+    def tools_digest(self) -> str | None:
+        """What the tools layer is made from: the npm manifest and its lock file."""
+        if self.tools is None:
+            return None
+        files = ("package.json", "package-lock.json")
+        missing = [f for f in files if not (self.tools / f).is_file()]
+        if missing:
+            raise ConfigError(f"tools folder {self.tools} lacks {', '.join(missing)}")
+        return json_digest({f: _digest(self.tools / f) for f in files})
 
     def digest(self) -> str:
         return json_digest({"base": self.base_inputs(), "config": self.config_inputs()})
@@ -134,8 +150,9 @@ def _load_merged(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
         unit["source"] = str(base_dir / unit["source"])
     for spec in raw.get("files", []):
         spec["source"] = str(base_dir / spec["source"])
-    if "agent" in raw:
-        raw["agent"] = str(base_dir / raw["agent"])
+    for folder in ("agent", "tools"):
+        if folder in raw:
+            raw[folder] = str(base_dir / raw[folder])
     parent = raw.pop("extends", None)
     drop_units = set(raw.pop("drop_units", []))
     if parent is None:

@@ -61,6 +61,11 @@ class HostedRuntime(Runtime):
                 agent_token=secrets.agent_token,
                 address=f"{lease.guest_address}/{lease.prefixlen}" if own_network else None,
                 gateway=lease.host_address if own_network else None,
+                egress_proxy=(
+                    f"http://{lease.host_address}:{self.settings.egress_port}"
+                    if self.settings.egress_port
+                    else None
+                ),
             )
             resources = self.prepare(folder, image, config, steps)
             link = GuestLink.for_guest(guest_id)
@@ -91,7 +96,7 @@ class HostedRuntime(Runtime):
         """The guest's isolated network, removed by ``undo`` if the start fails later. A
         network left by a guest that died is replaced (found by its recorded ids only);
         with ``reuse`` (a resume) an existing one is kept, with its addresses and MACs."""
-        firewall.ensure_isolation()
+        firewall.ensure_isolation(self.settings.egress_port)
         link = self.link(guest)
         lease = self.addresses.allocate(guest.guest_id)
         exists = await netns.aexists(link)

@@ -40,3 +40,23 @@ class GuestAgent:
 
     async def open_url(self, url: str) -> None:
         await self.call("POST", "/open-url", {"url": url})
+
+    async def start_login(self, provider: str, options: dict[str, str]) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call(
+            "POST", "/login", {"provider": provider, "options": options}
+        )
+        return result
+
+    async def login(self) -> dict[str, Any]:
+        """The login's state: auth URL, prompts answered, credential status."""
+        result: dict[str, Any] = await self.call("GET", "/login")
+        return result
+
+    async def credential_status(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("GET", "/credentials/status")
+        return result
+
+    async def fetch_credentials(self) -> dict[str, Any]:
+        """The credential files; the agent hands them out once."""
+        result: dict[str, Any] = await self.call("POST", "/credentials/fetch")
+        return result

@@ -19,7 +19,10 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from master_controller.auth import Tickets
+from master_controller.credentials import Captured, CredentialStore
 from master_controller.errors import (
+    ConfigError,
+    GuestAgentError,
     MCError,
     NoImage,
     ProbeError,
@@ -28,6 +31,7 @@ from master_controller.errors import (
     TooManySessions,
 )
 from master_controller.images.store import ImageStore
+from master_controller.network.egress import Allowance
 from master_controller.readiness import (
     guest_give_up,
     non_blank_frame,
@@ -45,6 +49,8 @@ from master_controller.store.database import Database
 from master_controller.store.models import SessionRow, utcnow
 from master_controller.web.metrics import STEP_SECONDS
 from master_controller.web.proxy import SESSION_ENDED, SESSION_HIBERNATED, ViewerRegistry
+from mc_agent import providers
+from mc_agent.providers.oauth2 import OAuth2
 
 log = logging.getLogger("master_controller.sessions")
 T = TypeVar("T")
@@ -59,8 +65,11 @@ class SessionManager:
         runtime: Runtime,
         tickets: Tickets,
         viewers: ViewerRegistry,
+        credentials: CredentialStore,
     ) -> None:
         self.settings = settings
+        self.credentials = credentials
+        self._logins: dict[str, asyncio.Task[None]] = {}
         self.db = db
         self.runtime = runtime
         self.tickets = tickets
@@ -92,6 +101,7 @@ class SessionManager:
 
     async def start(self, user_id: str, provider: str, api_key_id: str | None) -> SessionRow:
         """Record a new session and boot its guest in the background."""
+        self.login_options(provider)  # refuses a provider this controller cannot sign in to
         image_id = self.images.current()
         if image_id is None:
             raise NoImage("no promoted image: run `master-controller image ensure`")
@@ -163,12 +173,126 @@ class SessionManager:
             step = "the viewer path"
             await self._await_viewer_path(session_id, guest, started)
             await self.transition(session_id, State.READY)
+            step = "the login"
+            await self.start_login(session_id)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             await self._fail_start(session_id, step, exc, records)
         finally:
             self._tasks.pop(session_id, None)
+
+    # --- sign-in ---------------------------------------------------------------------------
+
+    def login_options(self, provider: str) -> dict[str, str]:
+        """What the guest's agent needs to start ``provider``'s login (oauth2: its
+        endpoints and client, from the settings)."""
+        if provider != "oauth2":
+            return {}
+        s = self.settings
+        if not (s.oauth2_authorize_url and s.oauth2_token_url and s.oauth2_client_id):
+            raise ConfigError(
+                "the oauth2 provider is not configured (oauth2_authorize_url, "
+                "oauth2_token_url, oauth2_client_id)"
+            )
+        options = {
+            "authorize_url": s.oauth2_authorize_url,
+            "token_url": s.oauth2_token_url,
+            "client_id": s.oauth2_client_id,
+            "scope": s.oauth2_scope,
+        }
+        try:
+            return providers.get("oauth2").check_options(options)
+        except providers.ProviderError as exc:
+            raise ConfigError(f"oauth2 settings: {exc}") from exc
+
+    async def egress_policy(self, address: str) -> Allowance | None:
+        """What the guest at ``address`` may reach: its provider's sign-in domains, while
+        its session is ready or signing in."""
+        async with self.db.session() as db:
+            rows = await repo.list_sessions(db, states=[s.value for s in VIEWABLE])
+        row = next((r for r in rows if r.browser_ip == address), None)
+        if row is None:
+            return None
+        provider = providers.get(row.provider)
+        if isinstance(provider, OAuth2):
+            domains = provider.domains_for(self.login_options(row.provider))
+        else:
+            domains = provider.domains
+        return Allowance(session_id=row.id, domains=domains)
+
+    async def start_login(self, session_id: str) -> None:
+        """ready -> authenticating: the provider's login runs in the guest, watched until
+        valid credentials are there."""
+        row = await self.transition(session_id, State.AUTHENTICATING)
+        agent = GuestAgent(self.runtime, self.guest(row))
+        await agent.start_login(row.provider, self.login_options(row.provider))
+        self._watch_login(row)
+
+    def _watch_login(self, row: SessionRow) -> None:
+        self._logins[row.id] = asyncio.create_task(self._login_watch(row))
+
+    async def _login_watch(self, row: SessionRow, interval: float = 1.0) -> None:
+        """Follow the login: record what the agent saw (prompts answered, the auth URL) as
+        events; once the credentials are valid, fetch them, store them encrypted, and
+        hibernate or destroy the guest."""
+        session_id = row.id
+        agent = GuestAgent(self.runtime, self.guest(row))
+        reported: set[str] = set()
+        try:
+            while True:
+                try:
+                    login = await agent.login()
+                except GuestAgentError as exc:
+                    log.info("session %s: agent not answering (%s)", session_id, exc.reason)
+                    await asyncio.sleep(interval)
+                    continue
+                for name in login.get("prompts_answered", []):
+                    await self._note(session_id, reported, f"prompt: {name}", "answered")
+                if login.get("auth_url"):
+                    await self._note(
+                        session_id, reported, "auth url", _origin(str(login["auth_url"]))
+                    )
+                if login.get("credentials", {}).get("valid"):
+                    break
+                await asyncio.sleep(interval)
+            await self._capture(row, agent)
+        except asyncio.CancelledError:
+            raise
+        except MCError as exc:
+            await self.end(
+                session_id, State.FAILED, f"capturing the credentials failed: {exc.reason}"
+            )
+        finally:
+            self._logins.pop(session_id, None)
+
+    async def _note(self, session_id: str, reported: set[str], name: str, detail: str) -> None:
+        if name not in reported:
+            reported.add(name)
+            await self._event(session_id, StepRecord(name, 0.0, True, detail))
+
+    async def _capture(self, row: SessionRow, agent: GuestAgent) -> None:
+        started = time.monotonic()
+        fetched = await agent.fetch_credentials()
+        captured = Captured(
+            provider=row.provider,
+            files={str(k): str(v) for k, v in fetched["files"].items()},
+            expires_at=fetched.get("status", {}).get("expires_at"),
+        )
+        stored = await self.credentials.store(row.user_id, captured, row.id, row.api_key_id)
+        await self._event(
+            row.id,
+            StepRecord("credentials stored", time.monotonic() - started, True, stored.files),
+        )
+        await self.viewers.close_all(row.id, SESSION_ENDED, "credentials captured")
+        guest = self.guest(row)
+        if self.settings.after_capture == "hibernate":
+            await self.runtime.hibernate(guest)
+            outcome = "guest hibernated"
+        else:
+            await self.runtime.destroy(guest)
+            outcome = "guest destroyed"
+        await self.transition(row.id, State.CAPTURED, f"credentials stored; {outcome}")
 
     async def _fail_start(
         self, session_id: str, step: str, exc: Exception, records: list[StepRecord]
@@ -229,11 +353,12 @@ class SessionManager:
     async def end(self, session_id: str, state: State, reason: str) -> SessionRow:
         """Terminate or fail a session: persist, close its viewers, destroy its guest."""
         row = await self.transition(session_id, state, reason)
-        task = self._tasks.pop(session_id, None)
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        for tasks in (self._tasks, self._logins):
+            task = tasks.pop(session_id, None)
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         await self.viewers.close_all(session_id, SESSION_ENDED, f"session {state}: {reason}"[:120])
         if row.guest_id is not None:
             with contextlib.suppress(MCError):
@@ -345,6 +470,8 @@ class SessionManager:
                 alive = False
             if alive and State(row.state) in VIEWABLE:
                 log.info("session %s: guest still running, reattached", row.id)
+                if State(row.state) == State.AUTHENTICATING:
+                    self._watch_login(row)
                 continue
             why = (
                 "the controller restarted while it was starting"
@@ -397,7 +524,8 @@ class SessionManager:
 
     async def shutdown(self) -> None:
         """Stop background work. Guests keep running: they outlive the controller."""
-        tasks = [t for t in (self._reaper, *self._tasks.values()) if t is not None]
+        running = (self._reaper, *self._tasks.values(), *self._logins.values())
+        tasks = [t for t in running if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:

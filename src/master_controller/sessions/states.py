@@ -22,16 +22,17 @@ class State(StrEnum):
 
 TERMINAL = frozenset({State.TERMINATED, State.FAILED})
 # States whose guest is up and may be viewed.
-VIEWABLE = frozenset({State.READY, State.AUTHENTICATING, State.CAPTURED})
-# States that hold host capacity (count against max_sessions).
-ACTIVE = frozenset(State) - TERMINAL - {State.HIBERNATED}
+VIEWABLE = frozenset({State.READY, State.AUTHENTICATING})
+# States that hold host capacity (count against max_sessions). A captured session's guest
+# is hibernated or destroyed.
+ACTIVE = frozenset(State) - TERMINAL - {State.HIBERNATED, State.CAPTURED}
 
 _NEXT: dict[State, frozenset[State]] = {
     State.PROVISIONING: frozenset({State.BOOTING}),
     State.BOOTING: frozenset({State.READY}),
     State.READY: frozenset({State.AUTHENTICATING, State.HIBERNATING}),
-    State.AUTHENTICATING: frozenset({State.CAPTURED, State.READY}),
-    State.CAPTURED: frozenset({State.HIBERNATING}),
+    State.AUTHENTICATING: frozenset({State.CAPTURED, State.READY, State.HIBERNATING}),
+    State.CAPTURED: frozenset({State.RESUMING}),
     State.HIBERNATING: frozenset({State.HIBERNATED}),
     State.HIBERNATED: frozenset({State.RESUMING}),
     State.RESUMING: frozenset({State.READY}),

@@ -18,8 +18,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from master_controller import __version__
 from master_controller.auth import Tickets, load_secret
+from master_controller.credentials import CredentialStore
 from master_controller.errors import MCError
 from master_controller.images.store import ImageStore
+from master_controller.network.egress import EgressProxy
 from master_controller.runtimes import best_runtime, get_runtime
 from master_controller.runtimes.base import Runtime
 from master_controller.sessions.manager import SessionManager
@@ -27,7 +29,8 @@ from master_controller.sessions.states import ACTIVE, State
 from master_controller.settings import REPO_ROOT, Settings
 from master_controller.store import repo
 from master_controller.store.database import Database
-from master_controller.web import api, viewer
+from master_controller.vault import Vault
+from master_controller.web import api, credentials_api, viewer
 from master_controller.web.deps import Services, services
 from master_controller.web.metrics import SESSIONS
 from master_controller.web.proxy import ViewerRegistry
@@ -96,14 +99,18 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         )
         tickets = Tickets(load_secret(settings.secret_key_path))
         viewers = ViewerRegistry()
-        manager = SessionManager(settings, db, chosen, tickets, viewers)
-        app.state.services = Services(settings, db, chosen, tickets, viewers, manager)
+        credentials = CredentialStore(db, Vault.open(settings))
+        manager = SessionManager(settings, db, chosen, tickets, viewers, credentials)
+        app.state.services = Services(settings, db, chosen, tickets, viewers, manager, credentials)
+        egress = EgressProxy(settings, manager.egress_policy)
+        await egress.start()
         await manager.reconcile()
         manager.start_background()
         try:
             yield
         finally:
             await manager.shutdown()
+            await egress.stop()
             await db.close()
 
     app = FastAPI(
@@ -173,6 +180,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         return FileResponse(STATIC / "operator.html")
 
     app.include_router(api.router)
+    app.include_router(credentials_api.router)
     app.include_router(viewer.router)
     app.mount("/static/app", StaticFiles(directory=STATIC), name="app-static")
     if NOVNC.is_dir():

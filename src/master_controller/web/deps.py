@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from fastapi import Depends, Header, Request
 
 from master_controller.auth import Caller, Forbidden, Tickets, authenticate
+from master_controller.credentials import CredentialStore
 from master_controller.errors import SessionNotFound
 from master_controller.runtimes.base import Runtime
 from master_controller.sessions.manager import SessionManager
@@ -27,6 +28,7 @@ class Services:
     tickets: Tickets
     viewers: ViewerRegistry
     sessions: SessionManager
+    credentials: CredentialStore
 
 
 def services(request: Request) -> Services:

@@ -8,9 +8,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from master_controller.store.models import EventRow
+from master_controller.store.models import CredentialRow, EventRow
 
-Provider = Literal["claude_code", "codex", "gemini_cli"]
+Provider = Literal["claude_code", "codex", "gemini_cli", "oauth2"]
 USER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$"
 
 
@@ -104,3 +104,54 @@ class ViewerStatus(Camel):
 class OkResponse(Camel):
     success: bool = True
     status: str
+
+
+class OAuthUrlView(Camel):
+    session_id: str
+    provider: str
+    url: str | None = Field(description="The sign-in URL (opened in the guest, or printed).")
+    opened_urls: list[str]
+    terminal_urls: list[str]
+    prompts_answered: list[str]
+
+
+class CredentialStatusView(Camel):
+    session_id: str
+    provider: str
+    valid: bool
+    reason: str
+    expires_at: float | None = Field(description="Unix time the credentials expire, if known.")
+    stored: bool = Field(description="Whether they are in the vault already.")
+
+
+class CredentialView(Camel):
+    provider: str
+    captured_at: datetime
+    expires_at: datetime | None
+    files: list[str]
+    session_id: str | None
+
+    @classmethod
+    def of(cls, row: CredentialRow) -> CredentialView:
+        return cls(
+            provider=row.provider,
+            captured_at=row.captured_at,
+            expires_at=row.expires_at,
+            files=[f for f in row.files.split(",") if f],
+            session_id=row.session_id,
+        )
+
+
+class ValidationView(Camel):
+    user_id: str
+    provider: str
+    valid: bool
+    reason: str
+    expires_at: float | None
+
+
+class ExportView(Camel):
+    user_id: str
+    provider: str
+    files: dict[str, str]
+    captured_at: datetime
