@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mc_agent import providers
+from mc_agent import browser, providers
 from mc_agent.events import EventLog
 from mc_agent.providers import CredentialStatus, Provider
 
@@ -33,9 +33,15 @@ TMUX_SETTINGS = "set -g remain-on-exit on\nset -g status off\nset -g history-lim
 SESSION = "login"
 BROWSER_HELPER = "/usr/lib/mc/mc-browser"
 TOOLS_BIN = "/opt/mc-tools/node_modules/.bin"
+LOGIN_BIN = "/usr/lib/mc/login-bin"  # xdg-open and x-www-browser: mc-browser too
 PROXY_ENV = Path("/run/mc/proxy.env")
 URL_IN_TEXT = re.compile(r"https?://[^\s\"'<>]+")
 USER = "browser"
+# the terminal sits in the bottom-right corner, over Chromium's page but clear of a centred
+# sign-in form
+COLUMNS, ROWS = "90", "14"
+PROMPT_TRIES, PROMPT_RETRY = 3, 3.0
+RAISE_AFTER = (1.5, 4.0)  # seconds after Chromium opened a URL (it raises its own window)
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -69,6 +75,7 @@ class Login:
         self.home = Path(self.user.pw_dir)
         self.started_at = time.time()
         self.answered: list[str] = []
+        self._answers: dict[str, tuple[int, float]] = {}
         self.urls: list[str] = []
         self.opened: list[str] = []
         self.status = CredentialStatus(False, "the login has not finished")
@@ -93,17 +100,18 @@ class Login:
             "DISPLAY": ":1",
             "TERM": "xterm-256color",
             "BROWSER": BROWSER_HELPER,
-            "PATH": f"{TOOLS_BIN}:/usr/local/bin:/usr/bin:/bin",
+            "PATH": f"{LOGIN_BIN}:{TOOLS_BIN}:/usr/local/bin:/usr/bin:/bin",
             "PYTHONPATH": "/usr/lib/mc",
             "MC_LOGIN_URLS": str(URLS_FILE),
             **proxy_environment(),
+            **self.provider.environment,
         }
         # env -i: the CLI sees exactly this environment, not the tmux server's
         argv = self.provider.login_argv(self.options)
         command = ["/usr/bin/env", "-i", *(f"{k}={v}" for k, v in env.items()), *argv]
         subprocess.run(
             _tmux(
-                "new-session", "-d", "-s", SESSION, "-x", "100", "-y", "30",
+                "new-session", "-d", "-s", SESSION, "-x", COLUMNS, "-y", ROWS,
                 "-c", str(self.home), "--", *command,
             ),
             check=True,
@@ -112,7 +120,8 @@ class Login:
         )  # fmt: skip
         xterm = _as_user(
             [
-                "xterm", "-title", f"{self.provider.title} sign-in", "-geometry", "100x30-0-0",
+                "xterm", "-title", f"{self.provider.title} sign-in",
+                "-geometry", f"{COLUMNS}x{ROWS}-0-0",
                 "-fa", "DejaVu Sans Mono", "-fs", "10",
                 "-e", "tmux", "-S", str(TMUX_SOCKET), "-f", str(TMUX_CONF), "attach", "-t", SESSION,
             ]
@@ -164,17 +173,27 @@ class Login:
 
     def _look(self) -> None:
         text = self.screen()
+        now = time.monotonic()
         for prompt in self.provider.prompts:
-            if prompt.name not in self.answered and re.search(prompt.pattern, text):
+            tries, last = self._answers.get(prompt.name, (0, 0.0))
+            # a TUI may drop keys sent while it draws: answer again if the question stays
+            if tries >= PROMPT_TRIES or now - last < PROMPT_RETRY:
+                continue
+            lines = [line for line in text.splitlines() if line.strip()]
+            recent = "\n".join(lines[-6:]) if tries else text
+            if re.search(prompt.pattern, recent):
                 subprocess.run(
                     _tmux("send-keys", "-t", SESSION, *prompt.keys),
                     check=False,
                     capture_output=True,
                 )
-                self.answered.append(prompt.name)
-                self.events.add("prompt answered", {"prompt": prompt.name})
+                self._answers[prompt.name] = (tries + 1, now)
+                if prompt.name not in self.answered:
+                    self.answered.append(prompt.name)
+                    self.events.add("prompt answered", {"prompt": prompt.name})
         for url in URL_IN_TEXT.findall(text):
-            self._url(url, "terminal")
+            if not any(url.startswith(i) for i in self.provider.ignored_urls):
+                self._url(url, "terminal")
         if URLS_FILE.is_file():
             for line in URLS_FILE.read_text().splitlines():
                 try:
@@ -195,6 +214,25 @@ class Login:
                 return
             seen.append(url)
         self.events.add("auth url", {"via": via, "origin": _origin(url)})
+        if via == "terminal" and self.provider.open_terminal_urls and not self.opened:
+            try:
+                browser.open_url(url)
+            except ValueError:
+                return
+            self._url(url, "browser")
+        elif via == "browser":
+            for delay in RAISE_AFTER:
+                threading.Timer(delay, self.raise_terminal).start()
+
+    def raise_terminal(self) -> None:
+        """Put the terminal back on top of Chromium, without taking the keyboard focus."""
+        subprocess.run(
+            _as_user(["xdotool", "search", "--class", "XTerm", "windowraise"]),
+            env={"DISPLAY": ":1", "PATH": SYSTEM_PATH},
+            capture_output=True,
+            check=False,
+            timeout=5,
+        )
 
     # --- credentials ----------------------------------------------------------------------
 

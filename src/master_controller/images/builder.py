@@ -250,6 +250,15 @@ class ImageBuilder:
                 timeout=1800,
                 cwd=tree,
             )
+            # install scripts run only for the packages the tools folder names
+            trusted = json.loads((tree / "package.json").read_text()).get("mcInstallScripts", [])
+            if trusted:
+                run(
+                    ["npm", "rebuild", "--ignore-scripts=false", "--foreground-scripts", *trusted],
+                    log=log,
+                    timeout=600,
+                    cwd=tree,
+                )
         except CommandError as exc:
             shutil.rmtree(work, ignore_errors=True)
             raise BuildError(f"tools layer: {exc.reason}") from exc

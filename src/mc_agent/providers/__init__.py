@@ -58,6 +58,10 @@ class Provider:
     # domains its sign-in pages and token endpoints live on (the egress allowlist)
     domains: tuple[str, ...] = ()
     environment: dict[str, str] = field(default_factory=dict)
+    # open the sign-in URL the CLI prints in Chromium (for CLIs that only print it)
+    open_terminal_urls: bool = False
+    # terminal URLs that are not the sign-in (documentation links in the TUI, say)
+    ignored_urls: tuple[str, ...] = ()
 
     def login_argv(self, options: dict[str, str]) -> list[str]:
         raise NotImplementedError

@@ -49,8 +49,8 @@ PROVIDER = ClaudeCode(
     prompts=(
         Prompt("text style", r"Choose the text style"),
         Prompt("login method", r"Select login method"),
-        Prompt("trust folder", r"Do you trust the files in this folder"),
+        Prompt("trust folder", r"Do you trust the files in this folder|Yes, I trust this folder"),
         Prompt("continue", r"Press Enter to continue"),
     ),
-    domains=("claude.ai", "anthropic.com", "console.anthropic.com"),
+    domains=("claude.ai", "claude.com", "anthropic.com"),
 )

@@ -1,6 +1,13 @@
-"""Gemini CLI (npm ``@google/gemini-cli``): ``gemini`` with Google sign-in selected opens
-the Google OAuth page and keeps ``~/.gemini/oauth_creds.json`` (``access_token``,
-``refresh_token``, ``expiry_date`` in milliseconds)."""
+"""Gemini CLI (npm ``@google/gemini-cli``). It has no login subcommand: sign-in happens when
+it first needs credentials. Here it runs one prompt in headless mode with Google sign-in
+selected: it asks for consent on the terminal (answered), then opens the Google sign-in
+with a loopback redirect through ``xdg-open`` (which is ``mc-browser`` on a login's PATH).
+``~/.gemini/oauth_creds.json`` then holds ``access_token``, ``refresh_token`` and
+``expiry_date`` (milliseconds).
+
+(Its interactive TUI asks for the browser consent through a dialog that is not listening
+yet when sign-in starts, and fails with "Authentication consent could not be obtained".)
+"""
 
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ CREDENTIALS = ".gemini/oauth_creds.json"
 @dataclass(frozen=True)
 class GeminiCli(Provider):
     def login_argv(self, options: dict[str, str]) -> list[str]:
-        return ["gemini"]
+        return ["gemini", "--prompt", "Reply with the single word: signed-in"]
 
     def home_files(self, options: dict[str, str]) -> dict[str, str]:
         settings = {"security": {"auth": {"selectedType": "oauth-personal"}}}
@@ -43,9 +50,8 @@ PROVIDER = GeminiCli(
     title="Gemini CLI",
     package="@google/gemini-cli",
     credential_files=(CREDENTIALS,),
-    prompts=(
-        Prompt("trust folder", r"Do you trust this folder"),
-        Prompt("auth method", r"How would you like to authenticate"),
-    ),
-    domains=("accounts.google.com", "oauth2.googleapis.com", "googleapis.com"),
+    prompts=(Prompt("consent", r"Do you want to continue\? \[Y/n\]", keys=("y", "Enter")),),
+    domains=("accounts.google.com", "oauth2.googleapis.com", "googleapis.com", "google.com"),
+    open_terminal_urls=True,
+    ignored_urls=("https://geminicli.com/docs",),
 )
