@@ -7,6 +7,7 @@ PKCE required (S256), and public clients with loopback redirects (RFC 8252: any 
 from __future__ import annotations
 
 import html
+import os
 import secrets
 import threading
 import time
@@ -21,6 +22,10 @@ from authlib.oauth2.rfc6749 import AuthorizationCodeMixin, ClientMixin, grants
 from authlib.oauth2.rfc7636 import CodeChallenge
 from flask import Flask, Response, redirect, request, session
 from werkzeug.serving import make_server
+
+# Plain HTTP on a made-up host name (the guest reaches it through the egress proxy, which
+# maps the name to 127.0.0.1); Authlib refuses non-loopback http:// unless told.
+os.environ["AUTHLIB_INSECURE_TRANSPORT"] = "1"
 
 CLIENT_ID = "mc-test-cli"
 SCOPE = "profile"

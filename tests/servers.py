@@ -122,6 +122,9 @@ def controller(
         "MC_HOST": "127.0.0.1",
         "MC_SECRET_KEY_FILE": str(work / "secret.key"),
         "MC_CONFIG": str(work / "none.toml"),
+        # sessions stop at ready unless a test is about the sign-in itself
+        "MC_AUTO_LOGIN": "false",
+        "MC_EGRESS_PORT": str(free_port()),
         **{f"MC_{k.upper()}": v for k, v in settings.items()},
     }
     ctl = Controller(env=env, url=f"http://127.0.0.1:{port}")

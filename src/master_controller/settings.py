@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     vault_key: SecretStr | None = Field(
         None, description="The vault key itself (base64 of 32 bytes) instead of a key file."
     )
+    auto_login: bool = Field(
+        True, description="Start the provider's login in the guest as soon as it is ready."
+    )
     after_capture: Literal["hibernate", "destroy"] = Field(
         "hibernate", description="What happens to a guest once its credentials are stored."
     )

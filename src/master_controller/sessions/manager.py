@@ -173,8 +173,9 @@ class SessionManager:
             step = "the viewer path"
             await self._await_viewer_path(session_id, guest, started)
             await self.transition(session_id, State.READY)
-            step = "the login"
-            await self.start_login(session_id)
+            if self.settings.auto_login:
+                step = "the login"
+                await self.start_login(session_id)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -370,6 +371,9 @@ class SessionManager:
         """Save the session's guest (VMs: memory and disk; containers: disk) and free its CPU
         and memory. Its viewers are told the session is hibernated."""
         row = await self.transition(session_id, State.HIBERNATING)
+        watcher = self._logins.pop(session_id, None)
+        if watcher is not None:  # the login starts again on resume
+            watcher.cancel()
         await self.viewers.close_all(session_id, SESSION_HIBERNATED, "session hibernated")
         try:
             await self.runtime.hibernate(self.guest(row))
@@ -395,12 +399,23 @@ class SessionManager:
             step = "the viewer path"
             await self._await_viewer_path(session_id, guest, started)
             await self.transition(session_id, State.READY)
+            if self.settings.auto_login and not await self._captured(row):
+                step = "the login"
+                await self.start_login(session_id)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             await self._fail_start(session_id, step, exc, records)
         finally:
             self._tasks.pop(session_id, None)
+
+    async def _captured(self, row: SessionRow) -> bool:
+        """Whether this session's sign-in is stored already."""
+        try:
+            stored = await self.credentials.get(row.user_id, row.provider)
+        except MCError:
+            return False
+        return stored.session_id == row.id
 
     async def _await_viewer_path(self, session_id: str, guest: GuestState, started: float) -> None:
         """The readiness steps: WebSocket 101 through our own proxy, RFB, a non-blank frame."""

@@ -163,7 +163,7 @@ async def list_sessions(
 
 async def _vms(svc: Services, who: Caller) -> list[VmView]:
     async with svc.db.session() as db:
-        live = [s.value for s in ACTIVE | {State.HIBERNATED}]
+        live = [s.value for s in ACTIVE | {State.HIBERNATED, State.CAPTURED}]
         rows = await repo.list_sessions(db, states=live)
     vms = []
     for row in rows:

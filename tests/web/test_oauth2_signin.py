@@ -1,0 +1,187 @@
+"""The whole sign-in, end to end: a local OAuth 2.0 identity provider (Authlib, with a login
+form) on the host, reachable from the guest only through the controller's egress proxy; a
+session with the ``oauth2`` provider; Playwright typing the username and password into the
+guest's Chromium through the noVNC viewer and approving; the guest-side client exchanging
+the code; the agent validating the token file; the controller storing it encrypted and
+hibernating the guest."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Page
+
+from master_controller.runtimes.container import ContainerRuntime
+from master_controller.settings import Settings
+from tests.idp import CLIENT_ID, IdentityProvider, identity_provider
+from tests.servers import Controller, controller
+from tests.web.test_viewer_browser import browser, page, wait_for_state
+
+pytestmark = [pytest.mark.integration, pytest.mark.browser]
+__all__ = ["browser", "page"]  # fixtures used here
+
+IDP_HOST = "idp.mc.test"  # resolved by the egress proxy (setting egress_hosts), nowhere else
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def idp() -> Iterator[IdentityProvider]:
+    with identity_provider({"alice": PASSWORD}) as running:
+        yield running
+
+
+@pytest.fixture
+def ctl(
+    golden_image: str, integration_settings: Settings, tmp_path: Path, idp: IdentityProvider
+) -> Iterator[Controller]:
+    port = idp.url.rsplit(":", 1)[1]
+    with controller(
+        integration_settings.data_dir,
+        f"sqlite:///{tmp_path / 'mc.db'}",
+        tmp_path,
+        guest_network="10.213.184.0/21",
+        runtime="container",
+        auto_login="true",
+        after_capture="hibernate",
+        oauth2_authorize_url=f"http://{IDP_HOST}:{port}/authorize",
+        oauth2_token_url=f"http://{IDP_HOST}:{port}/token",
+        oauth2_client_id=CLIENT_ID,
+        oauth2_scope="profile",
+        egress_hosts=json.dumps({IDP_HOST: "127.0.0.1"}),
+        vault_key_file=str(tmp_path / "vault.keys"),
+    ) as running:
+        yield running
+
+
+def _window_titles(settings: Settings, session_id: str) -> list[str]:
+    """The guest's window titles, from its agent (Playwright's loop owns this thread, so
+    this asks synchronously)."""
+    runtime = ContainerRuntime(settings)
+    guest = runtime.load(session_id)
+    health = httpx.get(
+        runtime.endpoint(guest).agent_url + "/health",
+        headers={"Authorization": f"Bearer {guest.secrets.agent_token}"},
+        trust_env=False,
+        timeout=10,
+    ).json()
+    return [w["title"] for w in health["windows"]]
+
+
+def _wait_for_title(settings: Settings, session_id: str, text: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not any(text in t for t in _window_titles(settings, session_id)):
+        assert time.monotonic() < deadline, _window_titles(settings, session_id)
+        time.sleep(0.5)
+
+
+def _sign_in(ctl: Controller, page: Page, settings: Settings, password: str) -> str:
+    """Start an oauth2 session, open its viewer and type the credentials into the IdP's
+    form in the guest's Chromium. Returns the session id."""
+    started = ctl.request("POST", "/api/auth/start", json={"userId": "alice", "provider": "oauth2"})
+    assert started.status_code == 201, started.text
+    session_id = started.json()["sessionId"]
+    page.goto(started.json()["novncURL"])
+    wait_for_state(page, ctl, "connected", 90)
+    body = ctl.wait_for(session_id, {"authenticating", "failed"}, timeout=60)
+    assert body["status"] == "authenticating", body
+    # the client opened the IdP's authorization URL; the login form is on screen
+    deadline = time.monotonic() + 30
+    while not (url := ctl.request("GET", f"/api/auth/session/{session_id}/oauth-url").json())[
+        "url"
+    ]:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert url["url"].startswith(f"http://{IDP_HOST}:") and "code_challenge=" in url["url"]
+    _wait_for_title(settings, session_id, "Sign in to the test IdP", 30)
+    time.sleep(2)  # the terminal is raised over Chromium after the page opens; let it settle
+    # the username field has the focus (autofocus); keys go through noVNC's canvas
+    page.locator("#screen canvas").focus()
+    page.keyboard.type("alice", delay=30)
+    page.keyboard.press("Tab")
+    page.keyboard.type(password, delay=30)
+    page.keyboard.press("Enter")
+    return str(session_id)
+
+
+def test_sign_in_through_the_viewer_stores_the_token_encrypted(
+    ctl: Controller,
+    page: Page,
+    idp: IdentityProvider,
+    integration_settings: Settings,
+    tmp_path: Path,
+) -> None:
+    session_id = _sign_in(ctl, page, integration_settings, PASSWORD)
+    _wait_for_title(integration_settings, session_id, "Allow access", 30)
+    page.locator("#screen canvas").focus()
+    page.keyboard.press("Enter")  # the Approve button has the focus
+
+    body = ctl.wait_for(session_id, {"captured", "failed"}, timeout=60)
+    assert body["status"] == "captured", (body["reason"], body["events"][-5:])
+    assert "guest hibernated" in body["reason"]
+    steps = [e["name"] for e in body["events"]]
+    assert "auth url" in steps and "credentials stored" in steps
+    assert idp.tokens and idp.tokens[-1]["user"] == "alice"
+    token = idp.tokens[-1]["access_token"]
+
+    # the guest is hibernated; its viewer was told why
+    vms = ctl.request("GET", "/api/vms").json()
+    assert next(v for v in vms if v["sessionId"] == session_id)["status"] == "hibernated"
+    wait_for_state(page, ctl, "ended", 15)
+
+    # metadata without secrets; validation decrypts and checks expiry
+    listed = ctl.request("GET", "/api/auth/credentials/alice").json()
+    assert [c["provider"] for c in listed] == ["oauth2"] and token not in json.dumps(listed)
+    valid = ctl.request("GET", "/api/auth/validate/alice/oauth2").json()
+    assert valid["valid"] is True and valid["expiresAt"] > time.time() + 3000
+    status = ctl.request("GET", f"/api/auth/session/{session_id}/credentials/status").json()
+    assert status["stored"] is True and status["valid"] is True
+
+    # the database holds no plaintext token: not in any table, not in the file
+    raw = (tmp_path / "mc.db").read_bytes()
+    assert token.encode() not in raw
+    with sqlite3.connect(tmp_path / "mc.db") as db:
+        for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'"):
+            assert token not in json.dumps(
+                db.execute(f"SELECT * FROM {table}").fetchall(), default=repr
+            )
+    assert token not in (ctl.log.read_text() if ctl.log else "")
+
+    # export needs the export scope, and is audited
+    refused = ctl.request("POST", "/api/auth/credentials/alice/oauth2/export")
+    assert refused.status_code == 403
+    exporter = ctl.cli("apikey", "create", "exporter", "--scope", "export")
+    assert exporter.returncode == 0, exporter.stderr
+    ctl.keys["exporter"] = exporter.stdout.strip()
+    exported = ctl.request("POST", "/api/auth/credentials/alice/oauth2/export", key="exporter")
+    assert exported.status_code == 200, exported.text
+    files = exported.json()["files"]
+    assert json.loads(files[".config/mc-oauth2/token.json"])["access_token"] == token
+    with sqlite3.connect(tmp_path / "mc.db") as db:
+        actions = [r[0] for r in db.execute("SELECT action FROM audit")]
+    assert actions == ["export"]
+
+
+def test_a_wrong_password_stores_nothing(
+    ctl: Controller, page: Page, idp: IdentityProvider, integration_settings: Settings
+) -> None:
+    session_id = _sign_in(ctl, page, integration_settings, "not the password")
+    deadline = time.monotonic() + 20
+    while idp.failed_logins == 0:
+        assert time.monotonic() < deadline, "the IdP never saw the login"
+        time.sleep(0.3)
+    time.sleep(5)
+    body = ctl.request("GET", f"/api/auth/session/{session_id}").json()
+    assert body["status"] == "authenticating"
+    assert not idp.tokens and not idp.codes
+    assert ctl.request("GET", "/api/auth/credentials/alice").json() == []
+    status = ctl.request("GET", f"/api/auth/session/{session_id}/credentials/status").json()
+    assert status["valid"] is False and status["stored"] is False
+    assert any(
+        "Sign in to the test IdP" in t for t in _window_titles(integration_settings, session_id)
+    )
