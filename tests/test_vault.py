@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -135,3 +138,21 @@ def test_expired_credentials_validate_as_expired(tmp_path: Path) -> None:
         await db.close()
 
     asyncio.run(go())
+
+
+def test_vault_rotate_command(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "MC_DATA_DIR": str(tmp_path),
+        "MC_CONFIG": str(tmp_path / "none.toml"),
+        "MC_DATABASE_URL": f"sqlite:///{tmp_path / 'mc.db'}",
+    }
+    command = [sys.executable, "-m", "master_controller.cli", "vault", "rotate"]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert "0 records re-encrypted" in first.stdout
+    keys = json.loads((tmp_path / "vault.keys").read_text())
+    assert len(keys["keys"]) == 1 and keys["current"] in first.stdout
+    env["MC_VAULT_KEY"] = base64.b64encode(b"z" * 32).decode()
+    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "rotate it there" in refused.stderr

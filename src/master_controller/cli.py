@@ -430,10 +430,6 @@ def main() -> None:
     app()
 
 
-if __name__ == "__main__":
-    main()
-
-
 @vault_app.command("rotate")
 def vault_rotate() -> None:
     """A new vault key; every stored credential is re-encrypted with it, old keys dropped."""
@@ -456,3 +452,7 @@ def vault_rotate() -> None:
         f"vault key {new_key} is current; {count} records re-encrypted; "
         f"retired: {', '.join(retired) or 'none'}"
     )
+
+
+if __name__ == "__main__":
+    main()

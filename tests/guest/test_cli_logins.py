@@ -5,6 +5,7 @@ test stops at the URL: Chromium shows the egress proxy's refusal or a connection
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from urllib.parse import urlsplit
@@ -26,6 +27,23 @@ EXPECTED_HOSTS = {
     "codex": "auth.openai.com",
     "gemini_cli": "accounts.google.com",
 }
+
+
+async def _events(url: str, token: str, until: str) -> list[str]:
+    """Event kinds from the agent's server-sent event stream, up to ``until``."""
+    kinds: list[str] = []
+    headers = {"Authorization": f"Bearer {token}"}
+    async with (
+        httpx.AsyncClient(trust_env=False, timeout=10) as client,
+        client.stream("GET", f"{url}/events?after=0", headers=headers) as stream,
+    ):
+        assert stream.headers["content-type"] == "text/event-stream"
+        async for line in stream.aiter_lines():
+            if line.startswith("data: "):
+                kinds.append(json.loads(line[6:])["kind"])
+                if kinds[-1] == until:
+                    break
+    return kinds
 
 
 @pytest.mark.parametrize("provider", sorted(EXPECTED_HOSTS))
@@ -79,5 +97,7 @@ async def test_login_shows_its_terminal_and_opens_its_sign_in_url(
                 headers={"Authorization": f"Bearer {guest_secrets.agent_token}"},
             )
         assert answer.status_code == 409 and "no valid credentials" in answer.json()["error"]
+        kinds = await _events(endpoint.agent_url, guest_secrets.agent_token, until="auth url")
+        assert kinds[0] == "login started" and "auth url" in kinds
     finally:
         await runtime.destroy(guest)
