@@ -100,6 +100,33 @@ class Controller:
             method, self.url + path, headers=headers, trust_env=False, timeout=30, **kw
         )
 
+    def start(self) -> None:
+        """Run `serve` (again, after :meth:`kill`: same database, same data dir)."""
+        assert self.log is not None
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "master_controller.cli", "serve"],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(self.url + "/health", trust_env=False, timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("controller did not start:\n" + self.log.read_text()[-3000:])
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL the controller, as a crash would: no shutdown code runs."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
     def wait_for(self, session_id: str, states: set[str], timeout: float = 90) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
@@ -133,24 +160,9 @@ def controller(
         assert done.returncode == 0, done.stderr
         ctl.keys[name] = done.stdout.strip()
     ctl.log = work / "controller.log"
-    with ctl.log.open("wb") as out:
-        ctl.process = subprocess.Popen(
-            [sys.executable, "-m", "master_controller.cli", "serve"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    ctl.log.write_bytes(b"")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(ctl.url + "/health", trust_env=False, timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if ctl.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("controller did not start:\n" + ctl.log.read_text()[-3000:])
-            time.sleep(0.1)
+        ctl.start()
         yield ctl
     finally:
         # end every session this controller started, so no guest outlives the test
@@ -161,12 +173,13 @@ def controller(
                     ctl.request("POST", f"/api/auth/session/{s['sessionId']}/cancel", key="ops")
         except httpx.HTTPError:
             pass
-        ctl.process.send_signal(signal.SIGTERM)
-        try:
-            ctl.process.wait(20)
-        except subprocess.TimeoutExpired:
-            ctl.process.kill()
-            ctl.process.wait()
+        if ctl.process is not None and ctl.process.poll() is None:
+            ctl.process.send_signal(signal.SIGTERM)
+            try:
+                ctl.process.wait(20)
+            except subprocess.TimeoutExpired:
+                ctl.process.kill()
+                ctl.process.wait()
 
 
 def have_postgresql() -> bool:

@@ -33,6 +33,8 @@ class MCError(Exception):
     """Base of every error master-controller raises on purpose."""
 
     status: int = 500
+    # seconds a client should wait before trying again (sent as Retry-After)
+    retry_after: int | None = None
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -140,6 +142,7 @@ class SessionStateError(SessionError):
 
 class TooManySessions(SessionError):
     status = 429
+    retry_after = 30
 
 
 class NoImage(SessionError):
@@ -154,3 +157,13 @@ class VaultError(MCError):
 
 class CredentialsNotFound(MCError):
     status = 404
+
+
+class RateLimited(MCError):
+    """An API key sent more requests than its rate allows."""
+
+    status = 429
+
+    def __init__(self, reason: str, retry_after: int) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after

@@ -111,6 +111,11 @@ class Settings(BaseSettings):
     oauth2_token_url: str | None = Field(None, description="The oauth2 provider's token endpoint.")
     oauth2_client_id: str | None = Field(None, description="The oauth2 provider's client id.")
     oauth2_scope: str = Field("", description="Scopes the oauth2 provider asks for.")
+    rate_limit_per_minute: int = Field(
+        600, ge=0, description="API requests a key may make per minute (0: no limit)."
+    )
+    rate_limit_burst: int = Field(60, ge=1, description="Requests a key may make at once.")
+    max_viewers: int = Field(4, ge=1, description="Viewer connections per session at once.")
     max_sessions: int = Field(6, ge=1, description="Concurrent live sessions on this host.")
     idle_timeout: float = Field(
         600.0, description="Seconds a ready session may go without a viewer before it ends."

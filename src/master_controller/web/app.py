@@ -34,6 +34,7 @@ from master_controller.web import api, credentials_api, viewer
 from master_controller.web.deps import Services, services
 from master_controller.web.metrics import SESSIONS
 from master_controller.web.proxy import ViewerRegistry
+from master_controller.web.ratelimit import RateLimiter
 
 STATIC = Path(__file__).parent / "static"
 NOVNC = REPO_ROOT / "node_modules" / "@novnc" / "novnc"
@@ -101,7 +102,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         viewers = ViewerRegistry()
         credentials = CredentialStore(db, Vault.open(settings))
         manager = SessionManager(settings, db, chosen, tickets, viewers, credentials)
-        app.state.services = Services(settings, db, chosen, tickets, viewers, manager, credentials)
+        limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
+        app.state.services = Services(
+            settings, db, chosen, tickets, viewers, manager, credentials, limiter
+        )
         egress = EgressProxy(settings, manager.egress_policy)
         await egress.start()
         await manager.reconcile()
@@ -123,7 +127,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 
     @app.exception_handler(MCError)
     async def mc_error(request: Request, exc: MCError) -> JSONResponse:
-        return JSONResponse({"success": False, "error": exc.reason}, status_code=exc.status)
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        return JSONResponse(
+            {"success": False, "error": exc.reason}, status_code=exc.status, headers=headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -16,6 +16,7 @@ from master_controller.settings import Settings
 from master_controller.store.database import Database
 from master_controller.store.models import SessionRow
 from master_controller.web.proxy import ViewerRegistry
+from master_controller.web.ratelimit import RateLimiter
 
 SESSION_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
@@ -29,6 +30,7 @@ class Services:
     viewers: ViewerRegistry
     sessions: SessionManager
     credentials: CredentialStore
+    limiter: RateLimiter
 
 
 def services(request: Request) -> Services:
@@ -45,7 +47,9 @@ async def caller(
     if authorization and authorization.lower().startswith("bearer "):
         key = authorization[7:].strip()
     async with svc.db.session() as db:
-        return await authenticate(db, key)
+        who = await authenticate(db, key)
+    svc.limiter.check(who.key_id)
+    return who
 
 
 def check_session_id(session_id: str) -> str:

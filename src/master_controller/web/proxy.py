@@ -31,6 +31,7 @@ GUEST_UNREACHABLE = (1011, "guest VNC unreachable")
 GUEST_CLOSED = (1011, "guest VNC closed the connection")
 SESSION_ENDED = 4410
 SESSION_HIBERNATED = 4412
+TOO_MANY_VIEWERS = 4429
 
 
 class ViewerStream:

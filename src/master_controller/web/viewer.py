@@ -21,6 +21,7 @@ from master_controller.web.deps import Services, check_session_id, services
 from master_controller.web.proxy import (
     SESSION_ENDED,
     SESSION_HIBERNATED,
+    TOO_MANY_VIEWERS,
     ViewerConnection,
     relay,
 )
@@ -147,6 +148,10 @@ async def viewer_socket(session_id: str, websocket: WebSocket) -> None:
         url = svc.runtime.endpoint(guest).websocket_url
     except MCError:
         await viewer.close(1011, "guest VNC unreachable")
+        return
+    if svc.viewers.count(session_id) >= svc.settings.max_viewers:
+        limit = svc.settings.max_viewers
+        await viewer.close(TOO_MANY_VIEWERS, f"this session has {limit} viewers already")
         return
     await svc.sessions.viewer_activity(session_id)
     try:

@@ -19,6 +19,7 @@ const REASONS = {
   4409: "The browser machine is not ready yet.",
   4410: "This sign-in session has ended.",
   4412: "This session was put to sleep (hibernated). It comes back when it is resumed.",
+  4429: "This session has as many viewers as it allows. Close another viewer and retry.",
 };
 const FINAL = new Set([4401, 4403, 4404, 4410]);
 
