@@ -1,0 +1,113 @@
+"""Faults while sessions run, as users meet them: a guest killed under a connected viewer
+(the session fails with a reason, the viewer is told why, the guest's resources go, the
+other session is untouched), and a service stopped inside a guest (the agent's health
+names it; systemd brings a crashed one back)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from master_controller.runtimes.container import ContainerRuntime
+from master_controller.settings import Settings
+from tests.servers import Controller, controller
+from tests.web.test_restart_and_limits import _frame, _start, _viewer
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def ctl(golden_image: str, integration_settings: Settings, tmp_path: Path) -> Iterator[Controller]:
+    with controller(
+        integration_settings.data_dir,
+        f"sqlite:///{tmp_path / 'mc.db'}",
+        tmp_path,
+        guest_network="10.213.208.0/22",
+    ) as running:
+        yield running
+
+
+def test_a_guest_killed_under_its_viewer(ctl: Controller, integration_settings: Settings) -> None:
+    runtime = ContainerRuntime(integration_settings)
+    doomed, other = _start(ctl, "doomed"), _start(ctl, "bystander")
+    url, headers = _viewer(ctl, doomed)
+
+    async def watch_and_kill() -> tuple[int, str]:
+        async with connect(
+            url, additional_headers=headers, proxy=None, subprotocols=["binary"]
+        ) as ws:  # type: ignore[list-item]
+            await ws.recv()
+            leader = runtime.load(doomed).resources["leader"]["pid"]
+            os.kill(leader, signal.SIGKILL)
+            try:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 30)
+            except ConnectionClosed as closed:
+                assert closed.rcvd is not None, "closed without a code"
+                return closed.rcvd.code, closed.rcvd.reason
+
+    code, reason = asyncio.run(watch_and_kill())
+    assert code in (1011, 4410), (code, reason)
+    body = ctl.wait_for(doomed, {"failed"}, timeout=30)
+    assert body["status"] == "failed" and "guest stopped unexpectedly" in body["reason"]
+    assert not runtime.guest_dir(doomed).exists()
+    # the other session is untouched and still viewable
+    assert ctl.request("GET", f"/api/auth/session/{other}").json()["status"] == "ready"
+    assert not _frame(ctl, other).is_blank()
+    health = ctl.request("GET", "/api/health", key=None).json()
+    assert health["image"]["current"] and health["status"] == "ok"
+
+
+def _in_guest(pid: int, *argv: str) -> str:
+    return subprocess.run(
+        ["nsenter", "-t", str(pid), "-a", *argv], capture_output=True, text=True, timeout=30
+    ).stdout
+
+
+def _health(runtime: ContainerRuntime, session_id: str) -> dict[str, object]:
+    guest = runtime.load(session_id)
+    answer = httpx.get(
+        runtime.endpoint(guest).agent_url + "/health",
+        headers={"Authorization": f"Bearer {guest.secrets.agent_token}"},
+        trust_env=False,
+        timeout=10,
+    )
+    return dict(answer.json())
+
+
+def test_a_stopped_service_is_named_and_a_crashed_one_comes_back(
+    ctl: Controller, integration_settings: Settings
+) -> None:
+    runtime = ContainerRuntime(integration_settings)
+    session_id = _start(ctl, "faulty")
+    leader = runtime.load(session_id).resources["leader"]["pid"]
+
+    _in_guest(leader, "systemctl", "stop", "x11vnc.service")
+    health = _health(runtime, session_id)
+    assert health["status"] == "degraded"
+    x11vnc = health["services"]["x11vnc"]  # type: ignore[index]
+    assert x11vnc["active"] != "active" and "x11vnc.service" in x11vnc["summary"]
+    _in_guest(leader, "systemctl", "start", "x11vnc.service")
+
+    # a crash (SIGKILL) is restarted by systemd (Restart=always)
+    before = _in_guest(leader, "systemctl", "show", "-p", "MainPID", "websockify.service")
+    _in_guest(leader, "systemctl", "kill", "-s", "KILL", "websockify.service")
+    deadline = time.monotonic() + 20
+    while True:
+        health = _health(runtime, session_id)
+        after = _in_guest(leader, "systemctl", "show", "-p", "MainPID", "websockify.service")
+        if health["status"] == "ok" and after != before and after.strip() != "MainPID=0":
+            break
+        assert time.monotonic() < deadline, health
+        time.sleep(0.5)
+    assert not _frame(ctl, session_id).is_blank()  # the viewer path works again
