@@ -1,18 +1,21 @@
 """The controller's OpenAPI schema, fuzzed with schemathesis against a running controller:
-every operation, with and without valid bodies and parameters. No answer is a 5xx, none
-takes longer than the limit, and once the sessions it started are cancelled the host is as
-it was (processes, mounts, namespaces, links, leases, guest folders)."""
+every operation, with valid (positive) and invalid (negative) bodies and parameters. No
+answer is a 5xx, none takes longer than the limit, and once the sessions it started are
+cancelled the host is as it was (processes, mounts, namespaces, links, leases, guest
+folders)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
 
 from master_controller.settings import Settings
 from tests.runtimes.leaks import HostSnapshot
@@ -40,35 +43,15 @@ def test_no_operation_fails_or_hangs(ctl: Controller, integration_settings: Sett
     before = HostSnapshot.take(integration_settings)
     schema = schemathesis.openapi.from_url(ctl.url + "/openapi.json")
     problems: list[str] = []
-    calls = 0
-    for result in schema.get_all_operations():
-        operation = result.ok()
-
-        @settings(
-            max_examples=EXAMPLES,
-            deadline=None,
-            suppress_health_check=list(HealthCheck),
-            database=None,
-        )
-        @given(case=operation.as_strategy())
-        def check(case: schemathesis.Case) -> None:
-            nonlocal calls
-            started = time.monotonic()
-            response = case.call(
-                base_url=ctl.url,
-                headers={"Authorization": f"Bearer {ctl.keys['ops']}"},
-                timeout=SLOWEST + 5,
-            )
-            calls += 1
-            seconds = time.monotonic() - started
-            label = f"{case.method} {case.formatted_path}"
-            if response.status_code >= 500:
-                problems.append(f"{label}: {response.status_code} {response.text[:200]}")
-            if seconds > SLOWEST:
-                problems.append(f"{label}: took {seconds:.1f}s")
-
-        check()
-    assert calls > 200 and not problems, problems[:20]
+    calls: list[str] = []
+    operations = [result.ok() for result in schema.get_all_operations()]
+    modes = (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
+    for operation, mode in ((o, m) for o in operations for m in modes):
+        try:
+            _fuzz(operation, mode, ctl, problems, calls)
+        except Unsatisfiable:
+            continue  # no invalid input exists for it (no parameters, no body)
+    assert len(calls) > EXAMPLES * len(operations) and not problems, problems[:20]
 
     # cancel whatever the fuzzing started; then nothing is left
     for session in ctl.request("GET", "/api/auth/sessions", key="ops").json():
@@ -79,3 +62,35 @@ def test_no_operation_fails_or_hangs(ctl: Controller, integration_settings: Sett
         assert time.monotonic() < deadline, "fuzzing left resources behind"
         time.sleep(0.5)
     assert httpx.get(ctl.url + "/health", trust_env=False).status_code == 200
+
+
+def _fuzz(
+    operation: Any,
+    mode: schemathesis.GenerationMode,
+    ctl: Controller,
+    problems: list[str],
+    calls: list[str],
+) -> None:
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+    )
+    @given(case=operation.as_strategy(generation_mode=mode))
+    def check(case: schemathesis.Case) -> None:
+        started = time.monotonic()
+        response = case.call(
+            base_url=ctl.url,
+            headers={"Authorization": f"Bearer {ctl.keys['ops']}"},
+            timeout=SLOWEST + 5,
+        )
+        seconds = time.monotonic() - started
+        label = f"{mode.value} {case.method} {case.formatted_path}"
+        calls.append(label)
+        if response.status_code >= 500:
+            problems.append(f"{label}: {response.status_code} {response.text[:200]}")
+        if seconds > SLOWEST:
+            problems.append(f"{label}: took {seconds:.1f}s")
+
+    check()
