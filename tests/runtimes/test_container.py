@@ -130,6 +130,8 @@ async def test_guests_cannot_reach_each_other_or_the_host(
     )
     host_service = await asyncio.start_server(lambda r, w: w.close(), "0.0.0.0", 0)
     host_port = host_service.sockets[0].getsockname()[1]
+    egress_port = runtime.settings.egress_port  # the one host port guests may reach
+    egress = await asyncio.start_server(lambda r, w: w.close(), "0.0.0.0", egress_port)
     try:
         ns_a = a.resources["namespace"]
         assert await _connects_from(ns_a, a.address or "", 6080)  # its own service: yes
@@ -137,10 +139,12 @@ async def test_guests_cannot_reach_each_other_or_the_host(
         assert not await _connects_from(ns_a, b.address or "", 8080)
         host_end = str(ip_address(a.address or "") - 1)
         assert not await _connects_from(ns_a, host_end, host_port)  # the host's services: no
+        assert await _connects_from(ns_a, host_end, egress_port)  # its egress proxy: yes
         await websocket_upgrade(b.address or "", 6080)  # while the host reaches both
         await websocket_upgrade(a.address or "", 6080)
     finally:
         host_service.close()
+        egress.close()
         await asyncio.gather(runtime.destroy(a), runtime.destroy(b))
 
 
