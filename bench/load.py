@@ -5,7 +5,8 @@ on each, then one more start (which must get 429).
 
 Reports time to ready (every session, and the last one), host memory per guest
 (MemAvailable before and after, divided by the number of guests), relay throughput with
-all viewers at once and the controller's CPU per relayed MiB. Saves bench/results/load.json.
+all viewers at once and the controller's CPU per relayed MiB. Saves
+bench/results/load-<sessions>.json.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from master_controller.readiness import rfb_over_websocket
 from master_controller.settings import Settings
 from tests.servers import Controller, controller
 
-RESULTS = Path(__file__).parent / "results" / "load.json"
+RESULTS = Path(__file__).parent / "results"
 
 
 def mem_available_mib() -> float:
@@ -125,7 +126,7 @@ def main() -> None:
             "retry_after": extra.headers.get("Retry-After"),
             "error": extra.json().get("error"),
         }
-    save(figures, RESULTS)
+    save(figures, RESULTS / f"load-{args.sessions}.json")
 
 
 if __name__ == "__main__":
