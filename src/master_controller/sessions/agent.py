@@ -32,7 +32,10 @@ class GuestAgent:
             except ValueError:
                 error = response.text
             raise GuestAgentError(f"the guest's agent refused {path}: {str(error)[:300]}")
-        return response.json()
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise GuestAgentError(f"the guest's agent answered {path} with no JSON") from exc
 
     async def health(self) -> dict[str, Any]:
         result: dict[str, Any] = await self.call("GET", "/health")

@@ -50,9 +50,16 @@ class Database:
         parsed = make_url(url)
         if parsed.drivername.startswith("sqlite") and parsed.database:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        self.engine: AsyncEngine = create_async_engine(async_url(url))
         if parsed.drivername.startswith("sqlite"):
+            # One connection: SQLite has one writer at a time anyway, and a busy event loop
+            # (many guests starting on few cores) must queue for it, not fail with
+            # "database is locked". Other processes (the CLI) wait up to busy_timeout.
+            self.engine: AsyncEngine = create_async_engine(
+                async_url(url), pool_size=1, max_overflow=0, pool_timeout=120
+            )
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        else:
+            self.engine = create_async_engine(async_url(url), pool_pre_ping=True)
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
 
     def migrate(self) -> None:
@@ -70,5 +77,5 @@ def _sqlite_pragmas(dbapi_connection: object, record: object) -> None:
     cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
