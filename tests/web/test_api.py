@@ -127,6 +127,15 @@ def test_session_lifecycle(ctl: Controller, integration_settings: Settings) -> N
     assert (
         ctl.request("GET", f"/api/vms/{vms[0]['vmId']}").json()["address"] == session["browserIP"]
     )
+    # nor another caller's key its VM, its hibernation, its browser or its sign-in URL
+    assert ctl.request("GET", "/api/vms", key="bob").json() == []
+    assert ctl.request("GET", f"/api/vms/{vms[0]['vmId']}", key="bob").status_code == 404
+    for path in ("hibernate", "open-url", "oauth-url", "credentials/status"):
+        method = "GET" if path in ("oauth-url", "credentials/status") else "POST"
+        body = {"url": "https://example.org/"} if path == "open-url" else None
+        answer = ctl.request(method, f"/api/auth/session/{sid}/{path}", key="bob", json=body)
+        assert answer.status_code == 404, (path, answer.text)
+    assert ctl.request("POST", "/api/users/alice/vm/hibernate", key="bob").status_code == 404
 
     metrics = ctl.request("GET", "/metrics", key=None).text
     assert 'mc_sessions{state="ready"} 1.0' in metrics

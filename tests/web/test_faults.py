@@ -111,3 +111,42 @@ def test_a_stopped_service_is_named_and_a_crashed_one_comes_back(
         assert time.monotonic() < deadline, health
         time.sleep(0.5)
     assert not _frame(ctl, session_id).is_blank()  # the viewer path works again
+
+
+def test_a_cut_network_tells_the_viewer_and_recovers(
+    ctl: Controller, integration_settings: Settings
+) -> None:
+    runtime = ContainerRuntime(integration_settings)
+    session_id = _start(ctl, "cut")
+    link = runtime.load(session_id).resources["host_ifname"]
+    url, headers = _viewer(ctl, session_id)
+
+    async def watch_while_cut() -> tuple[int, str, float]:
+        async with connect(
+            url, additional_headers=headers, proxy=None, subprotocols=["binary"]
+        ) as ws:  # type: ignore[list-item]
+            await ws.recv()
+            subprocess.run(["ip", "link", "set", link, "down"], check=True)
+            cut = time.monotonic()
+            try:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 40)
+            except ConnectionClosed as closed:
+                assert closed.rcvd is not None, "closed without a code"
+                return closed.rcvd.code, closed.rcvd.reason, time.monotonic() - cut
+
+    try:
+        code, reason, seconds = asyncio.run(watch_while_cut())
+    finally:
+        subprocess.run(["ip", "link", "set", link, "up"], check=True)
+    assert code == 1011 and "stopped answering" in reason and seconds < 20, (code, reason)
+    # the network is back: the session is still ready and a viewer gets the screen again
+    assert ctl.request("GET", f"/api/auth/session/{session_id}").json()["status"] == "ready"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert not _frame(ctl, session_id).is_blank()
+            break
+        except Exception:
+            assert time.monotonic() < deadline
+            time.sleep(1)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import WebSocketException
+from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from master_controller.errors import ProbeError
 from master_controller.readiness import WebSocketStream
@@ -29,8 +29,10 @@ from master_controller.web.metrics import PROXY_BYTES, PROXY_CONNECTIONS, PROXY_
 
 GUEST_UNREACHABLE = (1011, "guest VNC unreachable")
 GUEST_CLOSED = (1011, "guest VNC closed the connection")
+GUEST_SILENT = (1011, "the guest stopped answering (network cut, or guest frozen)")
 SESSION_ENDED = 4410
 SESSION_HIBERNATED = 4412
+GUEST_PING_SECONDS = 5.0
 TOO_MANY_VIEWERS = 4429
 
 
@@ -98,7 +100,10 @@ async def relay(
                 proxy=None,
                 open_timeout=10,
                 max_size=None,
-                ping_interval=20,
+                # the guest is on this host: a silent link is noticed within ~10 s (a
+                # cut network), and the viewer is told rather than left frozen
+                ping_interval=GUEST_PING_SECONDS,
+                ping_timeout=GUEST_PING_SECONDS,
             )
         except (OSError, TimeoutError, WebSocketException):
             PROXY_CONNECTIONS_TOTAL.labels("guest_unreachable").inc()
@@ -125,6 +130,9 @@ async def relay(
             ended = await _pump(ws, upstream)
             if ended == "guest" and viewer.closing is None:
                 await viewer.close(*GUEST_CLOSED)
+            elif ended == "guest-silent" and viewer.closing is None:
+                PROXY_CONNECTIONS_TOTAL.labels("guest_silent").inc()
+                await viewer.close(*GUEST_SILENT)
     finally:
         PROXY_CONNECTIONS.dec()
         registry.viewers[viewer.session_id].discard(viewer)
@@ -153,6 +161,9 @@ async def _pump(ws: WebSocket, upstream: ClientConnection) -> str:
                 data = message if isinstance(message, bytes) else message.encode()
                 PROXY_BYTES.labels("to_viewer").inc(len(data))
                 await ws.send_bytes(data)
+        except ConnectionClosed as exc:
+            if exc.sent is not None and "keepalive" in exc.sent.reason:
+                return "guest-silent"  # no answer to our pings: network cut, or frozen
         except WebSocketException:
             pass
         except (RuntimeError, OSError):  # the viewer went away while we were sending
