@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from master_controller.runtimes.container import ContainerRuntime
@@ -60,7 +60,10 @@ def test_a_guest_killed_under_its_viewer(ctl: Controller, integration_settings: 
     assert code in (1011, 4410), (code, reason)
     body = ctl.wait_for(doomed, {"failed"}, timeout=30)
     assert body["status"] == "failed" and "guest stopped unexpectedly" in body["reason"]
-    assert not runtime.guest_dir(doomed).exists()
+    deadline = time.monotonic() + 30  # the state is recorded first, then the guest goes
+    while runtime.guest_dir(doomed).exists():
+        assert time.monotonic() < deadline, "the dead guest's folder stayed"
+        time.sleep(0.3)
     # the other session is untouched and still viewable
     assert ctl.request("GET", f"/api/auth/session/{other}").json()["status"] == "ready"
     assert not _frame(ctl, other).is_blank()
@@ -113,6 +116,17 @@ def test_a_stopped_service_is_named_and_a_crashed_one_comes_back(
     assert not _frame(ctl, session_id).is_blank()  # the viewer path works again
 
 
+async def _rfb_handshake(ws: ClientConnection) -> None:
+    """A viewer's side of the RFB 3.8 handshake the proxy offers (no authentication)."""
+    assert (await ws.recv()) == b"RFB 003.008\n"
+    await ws.send(b"RFB 003.008\n")
+    assert (await ws.recv()) == b"\x01\x01"  # one security type: None
+    await ws.send(b"\x01")
+    assert (await ws.recv()) == b"\x00\x00\x00\x00"  # security result: ok
+    await ws.send(b"\x01")  # ClientInit, shared
+    await ws.recv()  # ServerInit
+
+
 def test_a_cut_network_tells_the_viewer_and_recovers(
     ctl: Controller, integration_settings: Settings
 ) -> None:
@@ -125,7 +139,7 @@ def test_a_cut_network_tells_the_viewer_and_recovers(
         async with connect(
             url, additional_headers=headers, proxy=None, subprotocols=["binary"]
         ) as ws:  # type: ignore[list-item]
-            await ws.recv()
+            await _rfb_handshake(ws)  # a real viewer: now the proxy relays
             subprocess.run(["ip", "link", "set", link, "down"], check=True)
             cut = time.monotonic()
             try:

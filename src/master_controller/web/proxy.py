@@ -33,6 +33,7 @@ GUEST_SILENT = (1011, "the guest stopped answering (network cut, or guest frozen
 SESSION_ENDED = 4410
 SESSION_HIBERNATED = 4412
 GUEST_PING_SECONDS = 5.0
+HANDSHAKE_SECONDS = 30.0  # a viewer must finish its RFB handshake within this
 TOO_MANY_VIEWERS = 4429
 
 
@@ -114,7 +115,11 @@ async def relay(
             viewer_stream = ViewerStream(ws)
             try:
                 await RFBClient(guest).authenticate(password)
-                await accept_without_auth(viewer_stream)
+                await asyncio.wait_for(accept_without_auth(viewer_stream), HANDSHAKE_SECONDS)
+            except TimeoutError:
+                PROXY_CONNECTIONS_TOTAL.labels("handshake_failed").inc()
+                await viewer.close(1008, "the viewer did not finish the VNC handshake in time")
+                return
             except ProbeError as exc:
                 PROXY_CONNECTIONS_TOTAL.labels("handshake_failed").inc()
                 await viewer.close(1011, f"VNC handshake failed: {exc.reason}"[:120])
