@@ -264,6 +264,14 @@ class SessionManager:
             await self.end(
                 session_id, State.FAILED, f"capturing the credentials failed: {exc.reason}"
             )
+        except Exception as exc:  # a bug: say so, rather than leave it authenticating
+            log.exception("session %s: following the login failed", session_id)
+            await self.end(
+                session_id,
+                State.FAILED,
+                f"capturing the credentials failed: internal error ({type(exc).__name__}); "
+                "see the controller's log",
+            )
         finally:
             self._logins.pop(session_id, None)
 
