@@ -437,16 +437,16 @@ def vault_rotate() -> None:
     from master_controller.vault import Vault
 
     settings = get_settings()
+    database = Database(settings.database)
 
     async def go() -> tuple[str, int, list[str]]:
-        database = Database(settings.database)
         try:
             return await CredentialStore(database, Vault.open(settings)).rotate()
         finally:
             await database.close()
 
     with reported():
-        Database(settings.database).migrate()
+        database.migrate()
         new_key, count, retired = asyncio.run(go())
     console.print(
         f"vault key {new_key} is current; {count} records re-encrypted; "

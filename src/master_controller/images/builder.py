@@ -230,7 +230,7 @@ class ImageBuilder:
         the lock file's digest. Install scripts do not run: what the packages ship is what
         the image gets."""
         assert recipe.tools is not None
-        key = json_digest({"version": TOOLS_LAYER_VERSION, "tools": recipe.tools_digest()})[:24]
+        key = tools_key(recipe)
         layer = self.layers_dir / f"tools-{key}"
         if (layer / "layer.json").is_file():
             log.write(f"tools layer {key}: cached at {layer}\n")
@@ -331,7 +331,9 @@ class ImageBuilder:
     ) -> dict[str, int]:
         content = int(base["tree"]["bytes"])
         if recipe.tools is not None:
-            content += int(_read_json(self._tools_layer(recipe, log) / "layer.json")["bytes"])
+            # the configuration layer made (or found) the tools layer already
+            tools_layer = self.layers_dir / f"tools-{tools_key(recipe)}"
+            content += int(_read_json(tools_layer / "layer.json")["bytes"])
         size_mib = int(content * 1.25 / 2**20) + recipe.disk_headroom_mib
         with disk.open("wb") as fh:
             fh.truncate(size_mib * 2**20)
@@ -417,11 +419,16 @@ class ImageBuilder:
         }
 
 
+def tools_key(recipe: Recipe) -> str:
+    """The tools layer's cache key: its builder version and the npm manifest and lock."""
+    return json_digest({"version": TOOLS_LAYER_VERSION, "tools": recipe.tools_digest()})[:24]
+
+
 def _tools_manifest(recipe: Recipe, rootfs: Path) -> dict[str, Any] | None:
     """The npm packages installed at TOOLS_DEST, with versions, from the lock file."""
     if recipe.tools is None:
         return None
-    key = json_digest({"version": TOOLS_LAYER_VERSION, "tools": recipe.tools_digest()})[:24]
+    key = tools_key(recipe)
     lock = json.loads((recipe.tools / "package-lock.json").read_text())
     top = lock.get("packages", {}).get("", {}).get("dependencies", {})
     installed = {

@@ -114,12 +114,6 @@ class ContainerRuntime(HostedRuntime):
         guest.status = GuestStatus.STOPPED
         await self.start(guest, steps)
 
-    async def destroy(self, guest: GuestState) -> None:
-        await self._shutdown(guest, graceful=False)
-        self.addresses.release(guest.guest_id)
-        shutil.rmtree(self.guest_dir(guest.guest_id), ignore_errors=True)
-        guest.status = GuestStatus.DESTROYED
-
     def _nspawn_argv(self, guest: GuestState, folder: Path, link: GuestLink) -> list[str]:
         return [
             "systemd-nspawn",

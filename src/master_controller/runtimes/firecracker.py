@@ -244,12 +244,6 @@ class FirecrackerRuntime(HostedRuntime):
         guest.resources.pop("snapshot", None)
         self.save(guest)
 
-    async def destroy(self, guest: GuestState) -> None:
-        await self._shutdown(guest)
-        self.addresses.release(guest.guest_id)
-        shutil.rmtree(self.guest_dir(guest.guest_id), ignore_errors=True)
-        guest.status = GuestStatus.DESTROYED
-
     async def _shutdown(self, guest: GuestState, graceful: bool = False) -> None:
         """Stop the VMM (its disk stays), then remove the guest's network. ``graceful``
         first asks the guest to power off (Ctrl+Alt+Del, Firecracker's only orderly way on

@@ -86,6 +86,16 @@ class HostedRuntime(Runtime):
             undo.pop_all()
         return guest
 
+    @abstractmethod
+    async def _shutdown(self, guest: GuestState, graceful: bool) -> None:
+        """Stop the guest's VMM or container (its disk stays) and remove its network."""
+
+    async def destroy(self, guest: GuestState) -> None:
+        await self._shutdown(guest, graceful=False)
+        self.addresses.release(guest.guest_id)
+        shutil.rmtree(self.guest_dir(guest.guest_id), ignore_errors=True)
+        guest.status = GuestStatus.DESTROYED
+
     def check_startable(self, guest: GuestState) -> None:
         if guest.status not in (GuestStatus.CREATED, GuestStatus.STOPPED, GuestStatus.DEAD):
             raise GuestStateError(f"guest {guest.guest_id} is {guest.status}, cannot start")

@@ -44,13 +44,12 @@ from master_controller.runtimes.base import (
 )
 from master_controller.runtimes.config_drive import make_config_drive
 from master_controller.runtimes.hosted import HostedRuntime
-from master_controller.runtimes.kvm import kvm_probe
+from master_controller.runtimes.kvm import QEMU, kvm_probe
 from master_controller.runtimes.qmp import Qmp
 from master_controller.settings import Settings
 from master_controller.steps import StepLog
 from mc_agent.config import GuestConfig
 
-QEMU = "qemu-system-x86_64"
 TAP = "tap0"
 STATE_FILE = "memory.state"
 
@@ -199,14 +198,9 @@ class QemuRuntime(HostedRuntime):
             if status != "running":
                 await qmp.command("cont")
 
-    async def destroy(self, guest: GuestState) -> None:
-        await self._shutdown(guest)
-        self.addresses.release(guest.guest_id)
-        shutil.rmtree(self.guest_dir(guest.guest_id), ignore_errors=True)
-        guest.status = GuestStatus.DESTROYED
-
-    async def _shutdown(self, guest: GuestState) -> None:
-        """Stop the VMM (its disk overlay stays), then remove the guest's network."""
+    async def _shutdown(self, guest: GuestState, graceful: bool = False) -> None:
+        """Stop the VMM (its disk overlay stays), then remove the guest's network. QEMU
+        quits in order on SIGTERM, so ``graceful`` changes nothing here."""
         guest.resources.pop("snapshot", None)
         data = guest.resources.pop("process", None)
         if data:

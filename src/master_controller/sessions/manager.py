@@ -173,9 +173,8 @@ class SessionManager:
             step = "the viewer path"
             await self._await_viewer_path(session_id, guest, started)
             await self.transition(session_id, State.READY)
-            if self.settings.auto_login:
-                step = "the login"
-                await self.start_login(session_id)
+            step = "the login"
+            await self._sign_in_if_due(row)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -407,15 +406,20 @@ class SessionManager:
             step = "the viewer path"
             await self._await_viewer_path(session_id, guest, started)
             await self.transition(session_id, State.READY)
-            if self.settings.auto_login and not await self._captured(row):
-                step = "the login"
-                await self.start_login(session_id)
+            step = "the login"
+            await self._sign_in_if_due(row)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             await self._fail_start(session_id, step, exc, records)
         finally:
             self._tasks.pop(session_id, None)
+
+    async def _sign_in_if_due(self, row: SessionRow) -> None:
+        """Start the provider's login in a ready guest, unless logins start by hand
+        (``auto_login`` off) or this session's credentials are stored already."""
+        if self.settings.auto_login and not await self._captured(row):
+            await self.start_login(row.id)
 
     async def _captured(self, row: SessionRow) -> bool:
         """Whether this session's sign-in is stored already."""

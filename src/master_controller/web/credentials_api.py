@@ -21,6 +21,7 @@ from master_controller.web.schemas import (
     OkResponse,
     ValidationView,
 )
+from mc_agent.providers import CredentialStatus
 
 router = APIRouter(prefix="/api/auth")
 PROVIDER_PATTERN = r"^[a-z0-9_]{1,32}$"
@@ -65,20 +66,12 @@ async def credential_status(
 ) -> CredentialStatusView:
     """Whether the session's sign-in produced valid credentials (and whether they are
     stored already)."""
-    if row.state == State.CAPTURED:
+    stored = row.state == State.CAPTURED
+    if stored:
         status = await svc.credentials.validate(row.user_id, row.provider)
-        stored = True
     else:
         data = await (await _agent(svc, row)).credential_status()
-        status_valid, reason, expires = data["valid"], data["reason"], data.get("expires_at")
-        return CredentialStatusView(
-            session_id=row.id,
-            provider=row.provider,
-            valid=status_valid,
-            reason=reason,
-            expires_at=expires,
-            stored=False,
-        )
+        status = CredentialStatus(data["valid"], data["reason"], data.get("expires_at"))
     return CredentialStatusView(
         session_id=row.id,
         provider=row.provider,
