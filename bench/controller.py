@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 from playwright.sync_api import sync_playwright
 
 from bench import save, summary
@@ -121,9 +120,7 @@ def measure_proxy(ctl: Controller, settings: Settings, frames: int) -> dict[str,
         time.sleep(0.1)
     guest = json.loads((settings.guests_dir / sid / "state.json").read_text())
     direct_url = f"ws://{guest['address']}:6080/"
-    response = httpx.get(body["novncURL"], trust_env=False, follow_redirects=False)
-    headers = {"Cookie": f"mc_viewer={response.cookies['mc_viewer']}", "Origin": ctl.url}
-    proxied_url = ctl.url.replace("http", "ws") + f"/api/auth/session/{sid}/novnc/websock"
+    proxied_url, headers = ctl.viewer(sid)
     assert ctl.process is not None
     results: dict[str, Any] = {}
     for name, url, password, hdrs in (

@@ -21,8 +21,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from bench import save, summary
 from bench.controller import cpu_seconds, ensure_image
 from master_controller.readiness import rfb_over_websocket
@@ -52,10 +50,7 @@ def start_and_wait(ctl: Controller, user: str) -> tuple[str, float]:
 
 
 async def viewer(ctl: Controller, sid: str, seconds: float) -> int:
-    novnc = ctl.request("GET", f"/api/auth/session/{sid}").json()["novncURL"]
-    cookie = httpx.get(novnc, trust_env=False).cookies["mc_viewer"]
-    url = ctl.url.replace("http", "ws") + f"/api/auth/session/{sid}/novnc/websock"
-    headers = {"Cookie": f"mc_viewer={cookie}", "Origin": ctl.url}
+    url, headers = ctl.viewer(sid)
     total = 0
     async with rfb_over_websocket(url, None, timeout=30, headers=headers) as client:
         deadline = time.monotonic() + seconds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -16,6 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from master_controller.readiness import non_blank_frame
+from master_controller.rfb import Frame
+from master_controller.runtimes.base import Runtime
+from master_controller.sessions.manager import VIEWER_COOKIE
 
 PG_SOCKET_DIR = "/var/run/postgresql"
 
@@ -127,6 +133,32 @@ class Controller:
         self.process.kill()
         self.process.wait()
 
+    def ready_session(self, user: str, provider: str = "codex") -> str:
+        """Start a session and wait until it is ready; returns its id."""
+        answer = self.request(
+            "POST", "/api/auth/start", json={"userId": user, "provider": provider}
+        )
+        assert answer.status_code == 201, answer.text
+        session_id = str(answer.json()["sessionId"])
+        body = self.wait_for(session_id, {"ready", "failed"})
+        assert body["status"] == "ready", body["reason"]
+        return session_id
+
+    def viewer(self, session_id: str) -> tuple[str, dict[str, str]]:
+        """What a viewer connects with: the session's WebSocket URL, and the headers of a
+        browser that traded a fresh ticket for the viewer cookie on the viewer page."""
+        novnc = self.request("GET", f"/api/auth/session/{session_id}").json()["novncURL"]
+        page = httpx.get(novnc, trust_env=False, timeout=10, follow_redirects=False)
+        cookie = page.cookies.get(VIEWER_COOKIE)
+        assert cookie, page.status_code
+        url = self.url.replace("http://", "ws://") + f"/api/auth/session/{session_id}/novnc/websock"
+        return url, {"Cookie": f"{VIEWER_COOKIE}={cookie}", "Origin": self.url}
+
+    def frame(self, session_id: str) -> Frame:
+        """A non-blank frame as a viewer gets it, through the controller's proxy."""
+        url, headers = self.viewer(session_id)
+        return asyncio.run(non_blank_frame(url, None, time.monotonic() + 30, headers))
+
     def wait_for(self, session_id: str, states: set[str], timeout: float = 90) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
@@ -180,6 +212,25 @@ def controller(
             except subprocess.TimeoutExpired:
                 ctl.process.kill()
                 ctl.process.wait()
+
+
+def same_share(a: Frame, b: Frame) -> float:
+    """Share of sampled pixels that are equal in both frames."""
+    samples = range(0, len(a.pixels), 4 * 97)
+    return sum(a.pixels[i : i + 3] == b.pixels[i : i + 3] for i in samples) / len(samples)
+
+
+def guest_health(runtime: Runtime, guest_id: str) -> dict[str, Any]:
+    """The guest agent's health report, asked synchronously (for tests whose thread
+    already runs an event loop, Playwright's)."""
+    guest = runtime.load(guest_id)
+    answer = httpx.get(
+        runtime.endpoint(guest).agent_url + "/health",
+        headers={"Authorization": f"Bearer {guest.secrets.agent_token}"},
+        trust_env=False,
+        timeout=10,
+    )
+    return dict(answer.json())
 
 
 def have_postgresql() -> bool:

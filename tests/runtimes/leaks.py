@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,3 +45,12 @@ class HostSnapshot:
             if guests.is_dir()
             else frozenset(),
         )
+
+
+def wait_until_back(settings: Settings, before: HostSnapshot, seconds: float = 30) -> None:
+    """Wait until the host is as ``before`` again: sessions record their end first and tear
+    their guest down after, so a snapshot right after `terminated` may still differ."""
+    deadline = time.monotonic() + seconds
+    while (now := HostSnapshot.take(settings)) != before:
+        assert time.monotonic() < deadline, (now, before)
+        time.sleep(0.3)

@@ -9,7 +9,6 @@ import asyncio
 import os
 import secrets
 import shutil
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,9 +18,8 @@ import pytest
 from master_controller.runtimes.base import GuestSecrets
 from master_controller.runtimes.qemu import QemuRuntime
 from master_controller.settings import Settings
-from tests.runtimes.leaks import HostSnapshot
+from tests.runtimes.leaks import HostSnapshot, wait_until_back
 from tests.servers import Controller, controller
-from tests.web.test_restart_and_limits import _frame, _start
 
 pytestmark = pytest.mark.integration
 WAVES, PER_WAVE = 4, 3
@@ -45,26 +43,19 @@ def _fds(ctl: Controller) -> int:
     return len(os.listdir(f"/proc/{ctl.process.pid}/fd"))
 
 
-def _settled(settings: Settings, before: HostSnapshot, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while (now := HostSnapshot.take(settings)) != before:
-        assert time.monotonic() < deadline, (now, before)
-        time.sleep(0.3)
-
-
 def test_session_churn_leaves_nothing(ctl: Controller, integration_settings: Settings) -> None:
     before = HostSnapshot.take(integration_settings)
     fds: list[int] = []
     for wave in range(WAVES):
         with ThreadPoolExecutor(PER_WAVE) as pool:
             users = [f"churn-{wave}-{i}" for i in range(PER_WAVE)]
-            sids = list(pool.map(lambda user: _start(ctl, user), users))
+            sids = list(pool.map(lambda user: ctl.ready_session(user), users))
         for sid in sids:
-            assert not _frame(ctl, sid).is_blank()
+            assert not ctl.frame(sid).is_blank()
             ctl.request("POST", f"/api/auth/session/{sid}/cancel")
         for sid in sids:
             assert ctl.wait_for(sid, {"terminated"}, 30)["status"] == "terminated"
-        _settled(integration_settings, before)
+        wait_until_back(integration_settings, before)
         fds.append(_fds(ctl))
     # after the first wave warmed things up, descriptors do not grow with sessions
     assert max(fds[1:]) <= fds[0] + 3, fds

@@ -13,15 +13,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from master_controller.runtimes.container import ContainerRuntime
 from master_controller.settings import Settings
-from tests.servers import Controller, controller
-from tests.web.test_restart_and_limits import _frame, _start, _viewer
+from tests.servers import Controller, controller, guest_health
 
 pytestmark = pytest.mark.integration
 
@@ -39,8 +37,8 @@ def ctl(golden_image: str, integration_settings: Settings, tmp_path: Path) -> It
 
 def test_a_guest_killed_under_its_viewer(ctl: Controller, integration_settings: Settings) -> None:
     runtime = ContainerRuntime(integration_settings)
-    doomed, other = _start(ctl, "doomed"), _start(ctl, "bystander")
-    url, headers = _viewer(ctl, doomed)
+    doomed, other = ctl.ready_session("doomed"), ctl.ready_session("bystander")
+    url, headers = ctl.viewer(doomed)
 
     async def watch_and_kill() -> tuple[int, str]:
         async with connect(
@@ -66,7 +64,7 @@ def test_a_guest_killed_under_its_viewer(ctl: Controller, integration_settings: 
         time.sleep(0.3)
     # the other session is untouched and still viewable
     assert ctl.request("GET", f"/api/auth/session/{other}").json()["status"] == "ready"
-    assert not _frame(ctl, other).is_blank()
+    assert not ctl.frame(other).is_blank()
     health = ctl.request("GET", "/api/health", key=None).json()
     assert health["image"]["current"] and health["status"] == "ok"
 
@@ -77,26 +75,15 @@ def _in_guest(pid: int, *argv: str) -> str:
     ).stdout
 
 
-def _health(runtime: ContainerRuntime, session_id: str) -> dict[str, object]:
-    guest = runtime.load(session_id)
-    answer = httpx.get(
-        runtime.endpoint(guest).agent_url + "/health",
-        headers={"Authorization": f"Bearer {guest.secrets.agent_token}"},
-        trust_env=False,
-        timeout=10,
-    )
-    return dict(answer.json())
-
-
 def test_a_stopped_service_is_named_and_a_crashed_one_comes_back(
     ctl: Controller, integration_settings: Settings
 ) -> None:
     runtime = ContainerRuntime(integration_settings)
-    session_id = _start(ctl, "faulty")
+    session_id = ctl.ready_session("faulty")
     leader = runtime.load(session_id).resources["leader"]["pid"]
 
     _in_guest(leader, "systemctl", "stop", "x11vnc.service")
-    health = _health(runtime, session_id)
+    health = guest_health(runtime, session_id)
     assert health["status"] == "degraded"
     x11vnc = health["services"]["x11vnc"]  # type: ignore[index]
     assert x11vnc["active"] != "active" and "x11vnc.service" in x11vnc["summary"]
@@ -107,13 +94,13 @@ def test_a_stopped_service_is_named_and_a_crashed_one_comes_back(
     _in_guest(leader, "systemctl", "kill", "-s", "KILL", "websockify.service")
     deadline = time.monotonic() + 20
     while True:
-        health = _health(runtime, session_id)
+        health = guest_health(runtime, session_id)
         after = _in_guest(leader, "systemctl", "show", "-p", "MainPID", "websockify.service")
         if health["status"] == "ok" and after != before and after.strip() != "MainPID=0":
             break
         assert time.monotonic() < deadline, health
         time.sleep(0.5)
-    assert not _frame(ctl, session_id).is_blank()  # the viewer path works again
+    assert not ctl.frame(session_id).is_blank()  # the viewer path works again
 
 
 async def _rfb_handshake(ws: ClientConnection) -> None:
@@ -131,9 +118,9 @@ def test_a_cut_network_tells_the_viewer_and_recovers(
     ctl: Controller, integration_settings: Settings
 ) -> None:
     runtime = ContainerRuntime(integration_settings)
-    session_id = _start(ctl, "cut")
+    session_id = ctl.ready_session("cut")
     link = runtime.load(session_id).resources["host_ifname"]
-    url, headers = _viewer(ctl, session_id)
+    url, headers = ctl.viewer(session_id)
 
     async def watch_while_cut() -> tuple[int, str, float]:
         async with connect(
@@ -159,7 +146,7 @@ def test_a_cut_network_tells_the_viewer_and_recovers(
     deadline = time.monotonic() + 30
     while True:
         try:
-            assert not _frame(ctl, session_id).is_blank()
+            assert not ctl.frame(session_id).is_blank()
             break
         except Exception:
             assert time.monotonic() < deadline

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 
 from master_controller.settings import Settings
-from tests.runtimes.leaks import HostSnapshot
+from tests.runtimes.leaks import HostSnapshot, wait_until_back
 from tests.servers import Controller, controller
 
 pytestmark = pytest.mark.integration
@@ -57,10 +57,7 @@ def test_no_operation_fails_or_hangs(ctl: Controller, integration_settings: Sett
     for session in ctl.request("GET", "/api/auth/sessions", key="ops").json():
         if session["status"] not in ("terminated", "failed"):
             ctl.request("POST", f"/api/auth/session/{session['sessionId']}/cancel", key="ops")
-    deadline = time.monotonic() + 60
-    while HostSnapshot.take(integration_settings) != before:
-        assert time.monotonic() < deadline, "fuzzing left resources behind"
-        time.sleep(0.5)
+    wait_until_back(integration_settings, before, seconds=60)
     assert httpx.get(ctl.url + "/health", trust_env=False).status_code == 200
 
 

@@ -13,14 +13,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from playwright.sync_api import Page
 
 from master_controller.runtimes.container import ContainerRuntime
 from master_controller.settings import Settings
 from tests.idp import CLIENT_ID, IdentityProvider, identity_provider
-from tests.servers import Controller, controller
+from tests.servers import Controller, controller, guest_health
 from tests.web.test_viewer_browser import browser, page, wait_for_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
@@ -60,16 +59,7 @@ def ctl(
 
 
 def _window_titles(settings: Settings, session_id: str) -> list[str]:
-    """The guest's window titles, from its agent (Playwright's loop owns this thread, so
-    this asks synchronously)."""
-    runtime = ContainerRuntime(settings)
-    guest = runtime.load(session_id)
-    health = httpx.get(
-        runtime.endpoint(guest).agent_url + "/health",
-        headers={"Authorization": f"Bearer {guest.secrets.agent_token}"},
-        trust_env=False,
-        timeout=10,
-    ).json()
+    health = guest_health(ContainerRuntime(settings), session_id)
     return [w["title"] for w in health["windows"]]
 
 

@@ -11,17 +11,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from master_controller.readiness import non_blank_frame
 from master_controller.rfb import Frame
 from master_controller.runtimes.qemu import QemuRuntime
 from master_controller.sessions.agent import GuestAgent
 from master_controller.settings import Settings
-from master_controller.web.viewer import VIEWER_COOKIE
 from tests.runtimes.leaks import HostSnapshot
-from tests.servers import Controller, controller
+from tests.servers import Controller, controller, same_share
 
 pytestmark = [pytest.mark.integration, pytest.mark.vm]
 NETWORK = "10.213.232.0/22"
@@ -42,34 +39,17 @@ def ctl(golden_image: str, integration_settings: Settings, tmp_path: Path) -> It
         yield running
 
 
-def viewer_frame(ctl: Controller, novnc_url: str, session_id: str) -> Frame:
-    """A frame as a viewer gets it: the ticket traded for the cookie, then the WebSocket
-    through the controller's proxy."""
-    page = httpx.get(novnc_url, trust_env=False, timeout=10, follow_redirects=False)
-    cookie = page.cookies.get(VIEWER_COOKIE)
-    assert cookie, page.status_code
-    url = ctl.url.replace("http://", "ws://") + f"/api/auth/session/{session_id}/novnc/websock"
-    headers = {"Cookie": f"{VIEWER_COOKIE}={cookie}", "Origin": ctl.url}
-    return asyncio.run(non_blank_frame(url, None, time.monotonic() + 30, headers))
-
-
-def same_share(a: Frame, b: Frame) -> float:
-    """Share of sampled pixels that are equal in both frames."""
-    samples = range(0, len(a.pixels), 4 * 97)
-    return sum(a.pixels[i : i + 3] == b.pixels[i : i + 3] for i in samples) / len(samples)
-
-
 def window_titles(agent: GuestAgent) -> tuple[list[str], str]:
     health = asyncio.run(agent.health())
     return [w["title"] for w in health["windows"]], str(health["boot_id"])
 
 
-def settled_frame(ctl: Controller, novnc_url: str, session_id: str) -> Frame:
+def settled_frame(ctl: Controller, session_id: str) -> Frame:
     """A frame once the screen has stopped changing (two in a row alike)."""
-    last = viewer_frame(ctl, novnc_url, session_id)
+    last = ctl.frame(session_id)
     for _ in range(20):
         time.sleep(1)
-        frame = viewer_frame(ctl, novnc_url, session_id)
+        frame = ctl.frame(session_id)
         if same_share(last, frame) > 0.995:
             return frame
         last = frame
@@ -85,12 +65,12 @@ def test_qemu_session_hibernates_and_resumes_with_its_page(
         "POST", "/api/auth/start", json={"userId": "vm-user", "provider": "codex"}
     )
     assert started.status_code == 201, started.text
-    session_id, novnc_url = started.json()["sessionId"], started.json()["novncURL"]
+    session_id = started.json()["sessionId"]
     try:
         body = ctl.wait_for(session_id, {"ready", "failed"}, timeout=300)
         assert body["status"] == "ready", body
         assert body["runtime"] == "qemu"
-        first = viewer_frame(ctl, novnc_url, session_id)
+        first = ctl.frame(session_id)
         assert (first.width, first.height) == (1280, 800) and not first.is_blank()
 
         mark = f"mc-e2e-{secrets.token_hex(4)}.invalid"
@@ -104,7 +84,7 @@ def test_qemu_session_hibernates_and_resumes_with_its_page(
             assert time.monotonic() < deadline, window_titles(agent)
             time.sleep(0.5)
         _, boot_id = window_titles(agent)
-        shown = settled_frame(ctl, novnc_url, session_id)
+        shown = settled_frame(ctl, session_id)
         assert same_share(first, shown) < 0.9  # the new page changed the screen
 
         hibernated = ctl.request("POST", f"/api/auth/session/{session_id}/hibernate")
@@ -118,7 +98,7 @@ def test_qemu_session_hibernates_and_resumes_with_its_page(
         assert resumed.status_code == 200, resumed.text
         body = ctl.wait_for(session_id, {"ready", "failed"}, timeout=120)
         assert body["status"] == "ready", body
-        after = settled_frame(ctl, novnc_url, session_id)
+        after = settled_frame(ctl, session_id)
         assert same_share(shown, after) > 0.97  # the same page is on screen
         titles, boot_id_after = window_titles(agent)
         assert any(mark in t for t in titles) and boot_id_after == boot_id

@@ -12,18 +12,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from master_controller.readiness import non_blank_frame
-from master_controller.rfb import Frame
 from master_controller.runtimes.container import ContainerRuntime
 from master_controller.settings import Settings
-from master_controller.web.viewer import VIEWER_COOKIE
-from tests.runtimes.leaks import HostSnapshot
-from tests.servers import Controller, controller
+from tests.runtimes.leaks import HostSnapshot, wait_until_back
+from tests.servers import Controller, controller, same_share
 
 pytestmark = pytest.mark.integration
 
@@ -40,34 +36,14 @@ def ctl(golden_image: str, integration_settings: Settings, tmp_path: Path) -> It
         yield running
 
 
-def _viewer(ctl: Controller, session_id: str) -> tuple[str, dict[str, str]]:
-    novnc = ctl.request("GET", f"/api/auth/session/{session_id}").json()["novncURL"]
-    cookie = httpx.get(novnc, trust_env=False, timeout=10).cookies.get(VIEWER_COOKIE)
-    url = ctl.url.replace("http://", "ws://") + f"/api/auth/session/{session_id}/novnc/websock"
-    return url, {"Cookie": f"{VIEWER_COOKIE}={cookie}", "Origin": ctl.url}
-
-
-def _frame(ctl: Controller, session_id: str) -> Frame:
-    url, headers = _viewer(ctl, session_id)
-    return asyncio.run(non_blank_frame(url, None, time.monotonic() + 30, headers))
-
-
-def _start(ctl: Controller, user: str) -> str:
-    answer = ctl.request("POST", "/api/auth/start", json={"userId": user, "provider": "codex"})
-    assert answer.status_code == 201, answer.text
-    session_id = str(answer.json()["sessionId"])
-    assert ctl.wait_for(session_id, {"ready", "failed"})["status"] == "ready"
-    return session_id
-
-
 def test_a_crashed_controller_reattaches_live_guests_and_fails_dead_ones(
     ctl: Controller, integration_settings: Settings
 ) -> None:
     before = HostSnapshot.take(integration_settings)
     runtime = ContainerRuntime(integration_settings)
-    survivor, victim = _start(ctl, "survivor"), _start(ctl, "victim")
-    first = _frame(ctl, survivor)
-    url, headers = _viewer(ctl, survivor)
+    survivor, victim = ctl.ready_session("survivor"), ctl.ready_session("victim")
+    first = ctl.frame(survivor)
+    url, headers = ctl.viewer(survivor)
 
     async def viewer_until_the_crash() -> int | None:
         async with connect(
@@ -93,13 +69,9 @@ def test_a_crashed_controller_reattaches_live_guests_and_fails_dead_ones(
     ctl.start()
     body = ctl.request("GET", f"/api/auth/session/{survivor}").json()
     assert body["status"] == "ready"
-    again = _frame(ctl, survivor)  # the viewer path works again, same guest
+    again = ctl.frame(survivor)  # the viewer path works again, same guest
     assert (again.width, again.height) == (first.width, first.height)
-    same = sum(
-        again.pixels[i : i + 3] == first.pixels[i : i + 3]
-        for i in range(0, len(first.pixels), 4 * 97)
-    ) / len(range(0, len(first.pixels), 4 * 97))
-    assert same > 0.95
+    assert same_share(again, first) > 0.95
     dead = ctl.wait_for(victim, {"failed"}, timeout=30)
     assert dead["status"] == "failed" and "guest" in dead["reason"], dead["reason"]
     deadline = time.monotonic() + 30  # cleaned up from its recorded ids, after the state
@@ -109,16 +81,12 @@ def test_a_crashed_controller_reattaches_live_guests_and_fails_dead_ones(
 
     ctl.request("POST", f"/api/auth/session/{survivor}/cancel")
     assert ctl.wait_for(survivor, {"terminated"}, 30)["status"] == "terminated"
-    # the state is recorded first, then the guest is torn down: wait for that to finish
-    deadline = time.monotonic() + 30
-    while (after := HostSnapshot.take(integration_settings)) != before:
-        assert time.monotonic() < deadline, (after, before)
-        time.sleep(0.3)
+    wait_until_back(integration_settings, before)
 
 
 def test_viewers_per_session_are_limited(ctl: Controller) -> None:
-    session_id = _start(ctl, "watched")
-    url, headers = _viewer(ctl, session_id)
+    session_id = ctl.ready_session("watched")
+    url, headers = ctl.viewer(session_id)
 
     async def third_viewer() -> tuple[int, str]:
         async with (
