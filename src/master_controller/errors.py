@@ -15,9 +15,11 @@ catch these. A refusal a person sees carries a ``reason`` and an HTTP ``status``
      │    ├── VerificationFailed     a check failed; names what is missing
      │    └── PromotionRefused       the image did not pass verification
      ├── RuntimeUnavailable          this host cannot run the requested runtime (and why)
+     ├── StorageFull                 a file system we write to is (about to be) full
      ├── GuestError
      │    ├── GuestNotFound
      │    ├── GuestStartFailed       a start step failed; its resources were released
+     │    ├── HibernateFailed        saving failed; the guest was left running
      │    └── GuestStateError        the operation does not fit the guest's state
      ├── NetworkError
      │    └── AddressPoolExhausted
@@ -88,6 +90,13 @@ class RuntimeUnavailable(MCError):
     status = 503
 
 
+class StorageFull(MCError):
+    """A file system master-controller writes to has no room left (or not enough for what
+    is about to be written); ``reason`` names it and what is free."""
+
+    status = 507
+
+
 class GuestError(MCError):
     """Something about a guest."""
 
@@ -108,6 +117,16 @@ class GuestStartFailed(GuestError):
     def __init__(self, step: str, reason: str) -> None:
         super().__init__(f"step {step!r} failed: {reason}")
         self.step = step
+
+
+class HibernateFailed(GuestError):
+    """Saving the guest failed part-way; what was written is removed and the guest was left
+    running, as it was. ``no_space`` says the cause was a full file system."""
+
+    def __init__(self, reason: str, no_space: bool = False) -> None:
+        super().__init__(reason)
+        self.no_space = no_space
+        self.status = 507 if no_space else 502
 
 
 class GuestStateError(GuestError):

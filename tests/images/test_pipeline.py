@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from master_controller.errors import BuildError, PromotionRefused
+from master_controller.errors import BuildError, PromotionRefused, StorageFull
 from master_controller.images.builder import ImageBuilder
 from master_controller.images.recipe import Recipe
 from master_controller.images.store import ImageStore
@@ -114,3 +117,84 @@ def test_a_failed_build_leaves_nothing_in_the_store(
     assert store.ids() == before
     tmp = integration_settings.cache_dir / "tmp"
     assert not any(tmp.iterdir())
+
+
+def mount_tmpfs(where: Path, size: str) -> None:
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", where], check=True
+    )
+
+
+@pytest.fixture
+def small_cache(
+    integration_settings: Settings, golden_image: str, tmp_path: Path
+) -> Iterator[Path]:
+    """The build cache on a small file system of its own (tmpfs) that holds a copy of the
+    golden image's base layer and 300 MiB more, so a build fills it. The image store stays
+    where it is, with the current image in it. Yields the tmpfs (grow it with remount)."""
+    cache = integration_settings.cache_dir
+    base = ImageStore(integration_settings.images_dir).get(golden_image).manifest["base_layer"]
+    layer = cache / "layers" / f"base-{base['key']}"
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    used = int(
+        subprocess.run(
+            ["du", "-sb", layer], capture_output=True, text=True, check=True
+        ).stdout.split()[0]
+    )
+    mount_tmpfs(fs, f"{(used * 11 // 10 + 300 * 2**20) // 2**20}m")
+    try:
+        (fs / "layers").mkdir()
+        subprocess.run(["cp", "-a", layer, fs / "layers"], check=True)
+        subprocess.run(["mount", "--bind", fs, cache], check=True)
+        try:
+            yield fs
+        finally:
+            subprocess.run(["umount", cache], check=False)
+    finally:
+        subprocess.run(["umount", fs], check=False)
+
+
+def test_a_build_that_fills_the_disk_says_so_and_leaves_nothing(
+    golden_image: str,
+    integration_settings: Settings,
+    small_cache: Path,
+    tmp_path: Path,
+    repo_root: Path,
+) -> None:
+    """The disk fills during a build: first while npm writes the tools layer (mid-write),
+    then, with more room, before the ext4 disk is written (checked up front). Each says
+    which file system and how much is free; nothing half-made is kept; the store and the
+    current image are untouched."""
+    settings = integration_settings
+    store = ImageStore(settings.images_dir)
+    before = (store.ids(), store.promotions(), store.get(golden_image).disk.stat().st_mtime_ns)
+    recipe = tmp_path / "recipe.toml"
+    (tmp_path / "marker").write_text("a build on a small disk\n")
+    recipe.write_text(
+        f'extends = "{repo_root / "images/browser/recipe.toml"}"\n'
+        'name = "browser-disk-full"\n'
+        '[[files]]\ndest = "/etc/mc-disk-full"\nsource = "marker"\n'
+    )
+
+    with pytest.raises(BuildError) as failed:
+        ImageBuilder(settings).build(Recipe.load(recipe))
+    reason = failed.value.reason
+    assert "no space left on the file system holding" in reason, reason
+    assert "step 'configuration layer'" in reason and "partial files were removed" in reason
+    assert not any((small_cache / "tmp").iterdir())
+    assert not any(p.name.startswith("tools-") for p in (small_cache / "layers").iterdir())
+    assert (store.ids(), store.promotions()) == before[:2]
+
+    # room for the tools layer, not for the disk: refused before writing it
+    usage = shutil.disk_usage(small_cache)
+    subprocess.run(
+        ["mount", "-o", f"remount,size={(usage.total + 1600 * 2**20) // 2**20}m", small_cache],
+        check=True,
+    )
+    with pytest.raises(StorageFull, match=r"writing the image's ext4 disk needs about \d+ MiB"):
+        ImageBuilder(settings).build(Recipe.load(recipe))
+    assert any(p.name.startswith("tools-") for p in (small_cache / "layers").iterdir())
+    assert not any((small_cache / "tmp").iterdir())
+    after = (store.ids(), store.promotions(), store.get(golden_image).disk.stat().st_mtime_ns)
+    assert after == before and store.current() == golden_image

@@ -1,12 +1,15 @@
 """A whole session through the controller with the QEMU runtime (TCG here): ready with a
-real frame through the viewer path, a page opened in the guest's Chromium, hibernate,
-resume, the same page in the frame, and nothing left after the session ends."""
+real frame through the viewer path, a page opened in the guest's Chromium, a hibernate that
+fails on a full disk (the guest runs on), hibernate, resume, the same page in the frame, and
+nothing left after the session ends."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from master_controller.rfb import Frame
-from master_controller.runtimes.qemu import QemuRuntime
+from master_controller.runtimes.qemu import STATE_FILE, QemuRuntime
 from master_controller.sessions.agent import GuestAgent
 from master_controller.settings import Settings
 from tests.runtimes.leaks import HostSnapshot
@@ -22,6 +25,27 @@ from tests.servers import Controller, controller, same_share
 
 pytestmark = [pytest.mark.integration, pytest.mark.vm]
 NETWORK = "10.213.232.0/22"
+
+
+@pytest.fixture
+def small_guests_fs(integration_settings: Settings) -> Iterator[Path]:
+    """The guests' folder on a 2 GiB file system of its own (tmpfs), so a test can fill it."""
+    guests = integration_settings.guests_dir
+    guests.mkdir(parents=True, exist_ok=True)
+    assert not any(guests.iterdir()), "leftover guests (the session fixture removes them)"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2g,mode=0700", "tmpfs", guests], check=True)
+    try:
+        yield guests
+    finally:
+        subprocess.run(["umount", "--lazy", guests], check=False)
+
+
+def fill(folder: Path, leave: int) -> Path:
+    """Fill ``folder``'s file system up to ``leave`` bytes free; returns the ballast file."""
+    ballast = folder / "ballast"
+    with ballast.open("wb") as fh:
+        os.posix_fallocate(fh.fileno(), 0, shutil.disk_usage(folder).free - leave)
+    return ballast
 
 
 @pytest.fixture
@@ -57,7 +81,7 @@ def settled_frame(ctl: Controller, session_id: str) -> Frame:
 
 
 def test_qemu_session_hibernates_and_resumes_with_its_page(
-    ctl: Controller, integration_settings: Settings
+    ctl: Controller, integration_settings: Settings, small_guests_fs: Path
 ) -> None:
     runtime = QemuRuntime(integration_settings)
     before = HostSnapshot.take(integration_settings)
@@ -86,6 +110,20 @@ def test_qemu_session_hibernates_and_resumes_with_its_page(
         _, boot_id = window_titles(agent)
         shown = settled_frame(ctl, session_id)
         assert same_share(first, shown) < 0.9  # the new page changed the screen
+
+        # the disk fills during a hibernate: the partial snapshot is removed, the guest runs
+        # on with the same page, and the session is ready again, saying why
+        ballast = fill(small_guests_fs, leave=48 * 2**20)
+        full = ctl.request("POST", f"/api/auth/session/{session_id}/hibernate")
+        assert full.status_code == 507, full.text
+        assert "no space left on the file system holding" in full.json()["error"], full.text
+        body = ctl.request("GET", f"/api/auth/session/{session_id}").json()
+        assert body["status"] == "ready", body
+        assert "hibernate failed: no space left" in body["reason"]
+        assert not (runtime.guest_dir(session_id) / STATE_FILE).exists()
+        assert same_share(shown, settled_frame(ctl, session_id)) > 0.97
+        assert window_titles(agent)[1] == boot_id
+        ballast.unlink()
 
         hibernated = ctl.request("POST", f"/api/auth/session/{session_id}/hibernate")
         assert hibernated.status_code == 200 and hibernated.json()["status"] == "hibernated"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
+from master_controller.runtimes.container import ContainerRuntime
 from master_controller.settings import Settings
 from tests.servers import Controller, controller
 
@@ -194,3 +197,61 @@ def test_operator_page_starts_and_lists_sessions(ctl: Controller, page: Page) ->
         ".some(r => r.textContent.includes('terminated'))",
         timeout=15_000,
     )
+
+
+def _message(page: Page) -> str:
+    return page.locator("#message").inner_text()
+
+
+def test_viewer_says_why_in_words_for_each_fault(
+    ctl: Controller, browser: Browser, page: Page, integration_settings: Settings
+) -> None:
+    """What a person signing in sees when something goes wrong: hibernated and back, too many
+    viewers, the guest's network cut, the guest killed. Each in words, with the reason."""
+    started = _start(ctl)
+    session_id = started["sessionId"]
+    page.goto(started["novncURL"])
+    wait_for_state(page, ctl, "connected", 90)
+
+    # hibernated: the page says so, waits, and is back when the session resumes
+    assert ctl.request("POST", f"/api/auth/session/{session_id}/hibernate").status_code == 200
+    wait_for_state(page, ctl, "hibernated", 15)
+    assert "put to sleep (hibernated)" in _message(page)
+    assert ctl.request("POST", f"/api/auth/session/{session_id}/resume").status_code == 200
+    wait_for_state(page, ctl, "connected", 60)
+
+    # one viewer more than the session allows: that one is told why (the others stay)
+    others = [browser.new_context() for _ in range(integration_settings.max_viewers)]
+    try:
+        extra = []
+        for context in others:
+            viewer = context.new_page()
+            viewer.goto(started["novncURL"])
+            extra.append(viewer)
+        last = extra[-1]
+        wait_for_state(last, ctl, "reconnecting", 30)
+        assert last.evaluate("document.body.dataset.closeCode") == "4429"
+        assert "as many viewers as it allows" in _message(last)
+        assert f"{integration_settings.max_viewers} viewers already" in _message(last)
+    finally:
+        for context in others:
+            context.close()
+
+    # the guest's network is cut: the viewer hears within seconds, and is back after
+    runtime = ContainerRuntime(integration_settings)
+    link = runtime.load(session_id).resources["host_ifname"]
+    wait_for_state(page, ctl, "connected", 60)
+    subprocess.run(["ip", "link", "set", link, "down"], check=True)
+    try:
+        wait_for_state(page, ctl, "reconnecting", 30)
+        assert page.evaluate("document.body.dataset.closeCode") == "1011"
+        assert "the guest stopped answering" in _message(page)
+    finally:
+        subprocess.run(["ip", "link", "set", link, "up"], check=True)
+    wait_for_state(page, ctl, "connected", 60)
+
+    # the guest dies: the session has ended, and the page says why
+    os.kill(runtime.load(session_id).resources["leader"]["pid"], signal.SIGKILL)
+    wait_for_state(page, ctl, "ended", 60)
+    assert "This sign-in session has ended" in _message(page)
+    assert "the guest stopped unexpectedly" in _message(page)

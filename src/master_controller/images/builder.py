@@ -29,7 +29,8 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from master_controller.digests import file_digest, json_digest, tree_digest
-from master_controller.errors import BuildError, CommandError
+from master_controller.diskspace import REMEDY, full_reason, is_full_error, require_free
+from master_controller.errors import BuildError, CommandError, MCError
 from master_controller.images.apt_sources import build_sources
 from master_controller.images.kernel import extract_vmlinux
 from master_controller.images.recipe import Recipe, agent_files
@@ -45,6 +46,7 @@ BASE_LAYER_VERSION = 1
 BUILDER_VERSION = 3  # 3: vmlinux for Firecracker
 TOOLS_LAYER_VERSION = 1
 TOOLS_DEST = "/opt/mc-tools"
+EXT4_JOURNAL = 64 * 2**20  # mkfs.ext4 journal for disks of 1-128 GiB
 AGENT_DEST = "/usr/lib/mc/mc_agent"
 _USER = re.compile(r"^[a-z_][a-z0-9_-]{0,30}$")
 
@@ -76,11 +78,21 @@ class ImageBuilder:
             try:
                 with (staging / "build.log").open("w") as log:
                     return self._build(recipe, staging, log, refresh_base, started)
-            except OSError as exc:
-                raise BuildError(f"image build failed: {exc}") from exc
+            except (MCError, OSError) as exc:
+                if is_full_error(exc):
+                    self._clear_staging()
+                    step = self.steps.records[-1].name if self.steps.records else "start"
+                    raise BuildError(
+                        full_reason(self.tmp_dir, f"building the image (step {step!r})")
+                        + f"; its partial files were removed; {REMEDY}"
+                    ) from exc
+                if isinstance(exc, OSError):
+                    raise BuildError(f"image build failed: {exc}") from exc
+                raise
             finally:
-                # Moved into the store on success; anything still here is discarded.
-                shutil.rmtree(staging, ignore_errors=True)
+                # The image was moved into the store on success; anything still in tmp
+                # (staging, unfinished layers) is discarded.
+                self._clear_staging()
 
     def _build(
         self, recipe: Recipe, staging: Path, log: IO[str], refresh_base: bool, started: float
@@ -335,6 +347,8 @@ class ImageBuilder:
             tools_layer = self.layers_dir / f"tools-{tools_key(recipe)}"
             content += int(_read_json(tools_layer / "layer.json")["bytes"])
         size_mib = int(content * 1.25 / 2**20) + recipe.disk_headroom_mib
+        # the disk is sparse: it takes about its content (plus the journal) on the host
+        require_free(disk.parent, content + EXT4_JOURNAL, "writing the image's ext4 disk")
         with disk.open("wb") as fh:
             fh.truncate(size_mib * 2**20)
         try:

@@ -29,7 +29,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
 
-from master_controller.errors import GuestNotFound
+from master_controller.diskspace import full_reason, is_full_error
+from master_controller.errors import GuestNotFound, StorageFull
 from master_controller.settings import Settings
 from master_controller.steps import StepLog
 
@@ -132,7 +133,9 @@ class Runtime(ABC):
 
     @abstractmethod
     async def hibernate(self, guest: GuestState) -> None:
-        """Save the guest so it can be resumed, and free its CPU and memory."""
+        """Save the guest so it can be resumed, and free its CPU and memory. If saving fails
+        part-way, remove what was written, leave the guest running and raise HibernateFailed;
+        any other error leaves the guest in an unknown state."""
 
     @abstractmethod
     async def resume(self, guest: GuestState, steps: StepLog | None = None) -> None:
@@ -165,10 +168,16 @@ class Runtime(ABC):
         folder = self.guest_dir(guest.guest_id)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / "state.json.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(guest.model_dump_json(indent=2))
-        tmp.replace(folder / "state.json")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(guest.model_dump_json(indent=2))
+            tmp.replace(folder / "state.json")
+        except OSError as exc:  # the last saved state stays as it was
+            tmp.unlink(missing_ok=True)
+            if is_full_error(exc):
+                raise StorageFull(full_reason(folder, "saving the guest's state")) from exc
+            raise
 
     def load(self, guest_id: str) -> GuestState:
         path = self.guest_dir(guest_id) / "state.json"

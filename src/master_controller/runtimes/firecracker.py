@@ -52,7 +52,7 @@ from master_controller.runtimes.firecracker_api import (
     SnapshotLoad,
     VmState,
 )
-from master_controller.runtimes.hosted import HostedRuntime
+from master_controller.runtimes.hosted import HostedRuntime, discard_failed_save
 from master_controller.runtimes.kvm import kvm_probe
 from master_controller.settings import Settings
 from master_controller.steps import StepLog
@@ -220,9 +220,10 @@ class FirecrackerRuntime(HostedRuntime):
                         mem_file_path=str(folder / MEMORY_FILE),
                     ),
                 )
-            except GuestError:
+            except GuestError as exc:
+                failed = discard_failed_save(folder, exc, [SNAPSHOT_FILE, MEMORY_FILE])
                 await api.patch("vm", VmState(state="Resumed"))
-                raise
+                raise failed from exc
         process = ProcessRef.model_validate(guest.resources.pop("process"))
         process.signal(signal.SIGKILL)
         await process.wait(5)

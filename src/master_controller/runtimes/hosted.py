@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import shutil
 from abc import abstractmethod
+from collections.abc import Sequence
 from contextlib import AsyncExitStack, ExitStack
 from pathlib import Path
 from typing import Any, ClassVar
 
-from master_controller.errors import GuestStartFailed, GuestStateError, MCError
+from master_controller.diskspace import MIB, REMEDY, file_bytes, full_reason, is_full_error
+from master_controller.errors import (
+    GuestStartFailed,
+    GuestStateError,
+    HibernateFailed,
+    MCError,
+)
 from master_controller.images.store import ImageInfo, ImageStore
 from master_controller.network import firewall, netns
 from master_controller.network.ipam import AddressAllocator
@@ -142,3 +149,16 @@ class HostedRuntime(Runtime):
         guest.resources.pop("leader", None)
         self.save(guest)
         return GuestStartFailed(step, reason)
+
+
+def discard_failed_save(folder: Path, exc: MCError, names: Sequence[str]) -> HibernateFailed:
+    """After saving a paused guest failed: remove the partial files ``names`` in ``folder``
+    and say why, in words (a full file system is named with what is free). The caller then
+    lets the guest run on and raises what this returns."""
+    written = sum(file_bytes(folder / name) for name in names)
+    no_space = is_full_error(exc)
+    reason = full_reason(folder, "saving the guest's memory") if no_space else exc.reason
+    for name in names:
+        (folder / name).unlink(missing_ok=True)
+    reason += f"; the {written / MIB:.0f} MiB written were removed and the guest runs on"
+    return HibernateFailed(f"{reason}; {REMEDY}" if no_space else reason, no_space)

@@ -43,7 +43,7 @@ from master_controller.runtimes.base import (
     ProbeResult,
 )
 from master_controller.runtimes.config_drive import make_config_drive
-from master_controller.runtimes.hosted import HostedRuntime
+from master_controller.runtimes.hosted import HostedRuntime, discard_failed_save
 from master_controller.runtimes.kvm import QEMU, kvm_probe
 from master_controller.runtimes.qmp import Qmp
 from master_controller.settings import Settings
@@ -158,12 +158,12 @@ class QemuRuntime(HostedRuntime):
         started = time.monotonic()
         async with Qmp(folder / "qmp.sock") as qmp:
             await qmp.command("stop")
-            await qmp.command("migrate-set-parameters", **{"max-bandwidth": 8 * 2**30})
-            await qmp.command("migrate", uri=f"exec:cat > {shlex.quote(str(state))}")
-            report = await qmp.wait_migration(timeout=300)
-            if report.get("status") != "completed":
+            try:
+                await self._save_state(qmp, state)
+            except GuestError as exc:
+                failed = discard_failed_save(folder, exc, [STATE_FILE])
                 await qmp.command("cont")
-                raise GuestError(f"saving the guest failed: {report.get('error-desc', report)}")
+                raise failed from exc
             await qmp.command("quit")
         process = ProcessRef.model_validate(guest.resources.pop("process"))
         if not await process.wait(10):
@@ -176,6 +176,22 @@ class QemuRuntime(HostedRuntime):
         }
         guest.status = GuestStatus.HIBERNATED
         self.save(guest)
+
+    @staticmethod
+    async def _save_state(qmp: Qmp, state: Path) -> None:
+        """Migrate the paused VM's memory and device state into ``state``. QEMU writes to a
+        descriptor we open (``fd:``), so a write error comes back as QEMU saw it (for
+        example "No space left on device")."""
+        await qmp.command("migrate-set-parameters", **{"max-bandwidth": 8 * 2**30})
+        fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            await qmp.send_fd(fd, "snapshot")
+        finally:
+            os.close(fd)
+        await qmp.command("migrate", uri="fd:snapshot")
+        report = await qmp.wait_migration(timeout=300)
+        if report.get("status") != "completed":
+            raise GuestError(f"saving the guest failed: {report.get('error-desc', report)}")
 
     async def resume(self, guest: GuestState, steps: StepLog | None = None) -> None:
         """Start QEMU from the saved state (``-incoming``) and let the guest run on."""

@@ -51,6 +51,15 @@ class Qmp:
         except (QMPError, OSError, TimeoutError) as exc:
             raise GuestError(f"QMP {name} failed: {exc!r}") from exc
 
+    async def send_fd(self, fd: int, name: str) -> None:
+        """Hand QEMU an open file descriptor (SCM_RIGHTS) under ``name`` (``getfd``); we keep
+        our own copy and close it ourselves."""
+        try:
+            self.client.send_fd_scm(fd)
+        except (QMPError, OSError) as exc:
+            raise GuestError(f"passing a file to QEMU failed: {exc!r}") from exc
+        await self.command("getfd", fdname=name)
+
     async def status(self) -> str:
         return str((await self.command("query-status"))["status"])
 

@@ -23,6 +23,7 @@ from master_controller.credentials import Captured, CredentialStore
 from master_controller.errors import (
     ConfigError,
     GuestAgentError,
+    HibernateFailed,
     MCError,
     NoImage,
     ProbeError,
@@ -294,12 +295,15 @@ class SessionManager:
         )
         await self.viewers.close_all(row.id, SESSION_ENDED, "credentials captured")
         guest = self.guest(row)
+        outcome = "guest destroyed"
         if self.settings.after_capture == "hibernate":
-            await self.runtime.hibernate(guest)
-            outcome = "guest hibernated"
-        else:
+            try:
+                await self.runtime.hibernate(guest)
+                outcome = "guest hibernated"
+            except HibernateFailed as exc:  # the credentials are safe; the guest is not needed
+                outcome = f"hibernating failed ({exc.reason}), so the guest was destroyed"
+        if outcome.endswith("destroyed"):
             await self.runtime.destroy(guest)
-            outcome = "guest destroyed"
         await self.transition(row.id, State.CAPTURED, f"credentials stored; {outcome}")
 
     async def _fail_start(
@@ -377,15 +381,29 @@ class SessionManager:
     async def hibernate(self, session_id: str) -> SessionRow:
         """Save the session's guest (VMs: memory and disk; containers: disk) and free its CPU
         and memory. Its viewers are told the session is hibernated."""
+        before = State((await self.get(session_id)).state)
         row = await self.transition(session_id, State.HIBERNATING)
         watcher = self._logins.pop(session_id, None)
         if watcher is not None:  # the login starts again on resume
             watcher.cancel()
         await self.viewers.close_all(session_id, SESSION_HIBERNATED, "session hibernated")
+        started = time.monotonic()
         try:
             await self.runtime.hibernate(self.guest(row))
+        except HibernateFailed as exc:
+            # nothing was lost: the guest runs on, so the session goes back to where it was
+            # (its viewers reconnect) and the caller hears why
+            await self._event(
+                session_id,
+                StepRecord("hibernate", time.monotonic() - started, False, exc.reason[:500]),
+            )
+            await self.transition(session_id, before, f"hibernate failed: {exc.reason}")
+            if before == State.AUTHENTICATING:
+                self._watch_login(row)
+            raise
         except MCError as exc:
             return await self.end(session_id, State.FAILED, f"hibernate failed: {exc.reason}")
+        await self._event(session_id, StepRecord("hibernate", time.monotonic() - started, True))
         return await self.transition(session_id, State.HIBERNATED)
 
     async def resume(self, session_id: str) -> SessionRow:

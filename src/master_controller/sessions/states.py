@@ -33,7 +33,8 @@ _NEXT: dict[State, frozenset[State]] = {
     State.READY: frozenset({State.AUTHENTICATING, State.HIBERNATING}),
     State.AUTHENTICATING: frozenset({State.CAPTURED, State.READY, State.HIBERNATING}),
     State.CAPTURED: frozenset({State.RESUMING}),
-    State.HIBERNATING: frozenset({State.HIBERNATED}),
+    # a failed save leaves the guest running: back to where it was
+    State.HIBERNATING: frozenset({State.HIBERNATED, State.READY, State.AUTHENTICATING}),
     State.HIBERNATED: frozenset({State.RESUMING}),
     State.RESUMING: frozenset({State.READY}),
     State.TERMINATED: frozenset(),
