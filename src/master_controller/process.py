@@ -19,6 +19,14 @@ from pydantic import BaseModel
 _children: dict[int, subprocess.Popen[bytes]] = {}
 
 
+def reap() -> None:
+    """Collect the exit status of every child of ours that has ended, so none stays a
+    zombie (a start cut short may kill a child nobody waits for afterwards)."""
+    for pid, child in list(_children.items()):
+        if child.poll() is not None:
+            del _children[pid]
+
+
 class ProcessRef(BaseModel):
     pid: int
     start_ticks: int

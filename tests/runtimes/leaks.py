@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from master_controller.network.netns import namespaces
+from master_controller.runtimes import cgroups
 from master_controller.settings import Settings
 
 
@@ -18,6 +19,7 @@ class HostSnapshot:
     links: frozenset[str]
     leases: str
     guest_dirs: frozenset[str]
+    cgroups: frozenset[str]
 
     @classmethod
     def take(cls, settings: Settings) -> HostSnapshot:
@@ -44,6 +46,7 @@ class HostSnapshot:
             guest_dirs=frozenset(p.name for p in guests.iterdir())
             if guests.is_dir()
             else frozenset(),
+            cgroups=frozenset(cgroups.existing()),
         )
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
+import subprocess
 import time
 from collections.abc import Iterator
 from ipaddress import ip_address
@@ -21,7 +23,7 @@ from master_controller.readiness import (
 )
 from master_controller.runtimes.base import GuestSecrets, GuestStatus
 from master_controller.runtimes.container import ContainerRuntime
-from tests.runtimes.leaks import HostSnapshot
+from tests.runtimes.leaks import HostSnapshot, wait_until_back
 
 pytestmark = pytest.mark.integration
 
@@ -148,6 +150,59 @@ async def test_guests_cannot_reach_each_other_or_the_host(
         await asyncio.gather(runtime.destroy(a), runtime.destroy(b))
 
 
+def _host_uid(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
+
+
+def _as_guest_root(leader: int, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["nsenter", "-t", str(leader), "-a", *argv], capture_output=True, text=True, timeout=30
+    )
+
+
+async def test_guest_root_is_an_unprivileged_user_on_the_host(
+    golden_image: str, container_runtime: ContainerRuntime
+) -> None:
+    """Each guest runs in a user namespace of its own, on a UID range no other guest has: its
+    root is nobody special on the host and cannot touch its own network set-up."""
+    runtime = container_runtime
+    a, b = await asyncio.gather(
+        _up(runtime, golden_image, "uid-a"), _up(runtime, golden_image, "uid-b")
+    )
+    made = {path for guest in (a, b) for path in guest.resources["cgroups"]}
+    try:
+        ranges = []
+        for guest in (a, b):
+            base = guest.resources["uid_base"]
+            ranges.append(range(base, base + 65536))
+            leader = guest.resources["leader"]["pid"]
+            assert _host_uid(leader) == base  # the guest's PID 1 (root inside)
+            inside = processes_in({guest.resources["pid_namespace"]})
+            assert len(inside) > 10  # systemd, Xvfb, x11vnc, websockify, Chromium, ...
+            assert all(_host_uid(pid) in ranges[-1] for pid in inside)
+            # every process of the guest is in its own cgroups
+            procs = Path(guest.resources["cgroups"][0]).glob("**/cgroup.procs")
+            in_cgroup = {int(p) for f in procs for p in f.read_text().split()}
+            assert set(inside) <= in_cgroup
+            assert _as_guest_root(leader, "id", "-u").stdout.strip() == "0"
+            link = _as_guest_root(leader, "ip", "-o", "link", "show").stdout
+            ifname = next(
+                line.split(":")[1].strip().split("@")[0]
+                for line in link.splitlines()
+                if "LOOPBACK" not in line
+            )
+            spoof = _as_guest_root(leader, "ip", "addr", "add", "10.213.200.9/32", "dev", ifname)
+            assert spoof.returncode != 0 and "Operation not permitted" in spoof.stderr
+            down = _as_guest_root(leader, "ip", "link", "set", ifname, "down")
+            assert down.returncode != 0 and "Operation not permitted" in down.stderr
+        assert not set(ranges[0]) & set(ranges[1])
+    finally:
+        await asyncio.gather(runtime.destroy(a), runtime.destroy(b))
+    assert made and not made & HostSnapshot.take(runtime.settings).cgroups
+    assert not any(Path(path).exists() for path in made)
+
+
 async def test_a_killed_guest_is_seen_dead_and_cleaned_up(
     golden_image: str, container_runtime: ContainerRuntime
 ) -> None:
@@ -200,3 +255,23 @@ async def test_churn_leaves_nothing(golden_image: str, container_runtime: Contai
         await runtime.destroy(guest)
     assert HostSnapshot.take(runtime.settings) == before
     assert not processes_in(set(namespaces))  # not a single guest process survived
+
+
+async def test_a_start_cancelled_part_way_leaves_nothing(
+    golden_image: str, container_runtime: ContainerRuntime
+) -> None:
+    """A session cancelled while its guest boots: the start task is cancelled at some point
+    of its steps (network, disk layer, cgroups, nspawn), then the guest is destroyed from
+    what its state file recorded. Whatever point it was, nothing is left."""
+    runtime = container_runtime
+    before = HostSnapshot.take(runtime.settings)
+    for delay in (0.0, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8):
+        guest = await runtime.create(f"cut-{secrets.token_hex(3)}", golden_image, _secrets())
+        start = asyncio.create_task(runtime.start(guest))
+        await asyncio.sleep(delay)
+        start.cancel()
+        with contextlib.suppress(asyncio.CancelledError, GuestStartFailed):
+            await start
+        await runtime.destroy(runtime.load(guest.guest_id))
+        # (a killed process may take a moment to be reaped by the host's init)
+        wait_until_back(runtime.settings, before, seconds=5)

@@ -9,9 +9,12 @@ between guest links: see :func:`ensure_isolation`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pyroute2 import IPRoute, NetNS, netns
 from pyroute2.netlink.exceptions import NetlinkError
@@ -111,14 +114,27 @@ def remove(link: GuestLink) -> None:
             raise NetworkError(f"removing namespace {link.namespace}: {exc}") from exc
 
 
+async def _to_the_end(function: Callable[..., None], *args: Any) -> None:
+    """Run ``function`` in a worker thread (pyroute2's synchronous sockets run an event loop
+    of their own) and wait for it to finish even if the caller is cancelled meanwhile: a
+    thread cannot be stopped, and returning early would let the caller's clean-up race it
+    (removing a namespace that is only then created). The cancellation is raised after."""
+    work = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        await asyncio.shield(work)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await work
+        raise
+
+
 async def acreate(link: GuestLink, lease: Lease, tap: str | None = None) -> None:
-    """:func:`create` from async code. (pyroute2's synchronous sockets run an event loop of
-    their own, so they run in a worker thread.)"""
-    await asyncio.to_thread(create, link, lease, tap)
+    """:func:`create` from async code."""
+    await _to_the_end(create, link, lease, tap)
 
 
 async def aremove(link: GuestLink) -> None:
-    await asyncio.to_thread(remove, link)
+    await _to_the_end(remove, link)
 
 
 async def aexists(link: GuestLink) -> bool:

@@ -31,6 +31,7 @@ from master_controller.network import netns
 from master_controller.network.netns import GuestLink
 from master_controller.proc import run
 from master_controller.process import ProcessRef, spawn
+from master_controller.runtimes import cgroups, idmap
 from master_controller.runtimes.base import (
     GuestState,
     GuestStatus,
@@ -83,9 +84,15 @@ class ContainerRuntime(HostedRuntime):
                 step = "boot"
                 with steps.step(step):
                     (folder / "console.log").unlink(missing_ok=True)
-                    process = spawn(self._nspawn_argv(guest, folder, link), folder / "console.log")
-                    undo.callback(self._kill, process)
-                    leader = await self._wait_for_leader(process)
+                    guest.resources["cgroups"] = cgroups.create(guest.guest_id)
+                    undo.push_async_callback(self._remove_cgroups, guest)
+                    self.save(guest)  # recorded before anything can run in them
+                    argv = cgroups.enter(
+                        guest.resources["cgroups"], self._nspawn_argv(guest, folder, link)
+                    )
+                    process = spawn(argv, folder / "console.log")
+                    undo.push_async_callback(self._kill, process)
+                    leader = await self._wait_for_leader(process, folder / "console.log")
                     guest.resources["process"] = process.model_dump()
                     guest.resources["leader"] = leader.model_dump()
                     guest.resources["pid_namespace"] = _pid_namespace(leader.pid)
@@ -115,14 +122,22 @@ class ContainerRuntime(HostedRuntime):
         await self.start(guest, steps)
 
     def _nspawn_argv(self, guest: GuestState, folder: Path, link: GuestLink) -> list[str]:
+        # nspawn runs inside the guest's network namespace, which the container shares:
+        # nspawn 252 cannot join a namespace it does not own once it is in the guest's user
+        # namespace (systemd#36363). The guest's root has no say over that network either.
         return [
+            "nsenter",
+            f"--net={link.namespace_path}",
+            "--",
             "systemd-nspawn",
             "--boot",
             f"--directory={folder / 'rootfs'}",
             f"--machine=mc-{guest.guest_id[:12]}",
             "--register=no",
             "--keep-unit",
-            f"--network-namespace-path={link.namespace_path}",
+            # the guest's root is an unprivileged UID range on the host
+            f"--private-users={guest.resources['uid_base']}:{idmap.RANGE}",
+            "--private-users-ownership=off",
             f"--bind-ro={folder / 'config'}:{MOUNT_POINT}",
             "--console=pipe",
             "--link-journal=no",
@@ -131,22 +146,35 @@ class ContainerRuntime(HostedRuntime):
         ]
 
     def _mount_overlay(self, guest: GuestState, folder: Path) -> None:
-        lower = Path(guest.resources["lower"])
-        for path in (lower, folder):
+        """The guest's root: the image's rootfs, ID-mapped into the guest's UID range, under
+        the guest's own upper layer (owned by that range; it keeps what the guest writes)."""
+        image_root = Path(guest.resources["lower"])
+        for path in (image_root, folder):
             if any(c in str(path) for c in ",:\\"):
                 raise GuestStartFailed("disk layer", f"path {path} cannot be used by overlayfs")
+        base = idmap.base_for(int(guest.resources["lease"]))
+        guest.resources["uid_base"] = base
+        for owned in (folder / "upper", folder / "config", folder / "config" / CONFIG_NAME):
+            os.chown(owned, base, base)
+        lower = folder / "lower"
+        lower.mkdir(exist_ok=True)
         options = f"lowerdir={lower},upperdir={folder / 'upper'},workdir={folder / 'work'}"
         try:
-            run(["mount", "-t", "overlay", "overlay", "-o", options, folder / "rootfs"])
-        except CommandError as exc:
-            raise GuestStartFailed("disk layer", exc.reason) from exc
+            idmap.mount_idmapped(image_root, lower, base)
+            try:
+                run(["mount", "-t", "overlay", "overlay", "-o", options, folder / "rootfs"])
+            finally:  # overlayfs holds its own private copy of its layers' mounts
+                run(["umount", lower])
+        except (CommandError, OSError) as exc:
+            reason = exc.reason if isinstance(exc, CommandError) else str(exc)
+            raise GuestStartFailed("disk layer", reason) from exc
 
     def _unmount_overlay(self, folder: Path) -> None:
         target = folder / "rootfs"
         if _is_mountpoint(target):
             run(["umount", target])
 
-    async def _wait_for_leader(self, process: ProcessRef) -> ProcessRef:
+    async def _wait_for_leader(self, process: ProcessRef, console: Path) -> ProcessRef:
         """Find the container's PID 1 (to be able to kill it). nspawn first forks helper
         children that exit again; the leader is the child in a PID namespace of its own
         that has exec'd the guest's init."""
@@ -159,12 +187,24 @@ class ContainerRuntime(HostedRuntime):
             if not process.alive():
                 break
             await asyncio.sleep(0.02)
-        raise GuestStartFailed("boot", "systemd-nspawn exited before the container started")
+        said = _tail(console)
+        raise GuestStartFailed(
+            "boot",
+            "systemd-nspawn exited before the container started" + (f": {said}" if said else ""),
+        )
 
-    def _kill(self, process: ProcessRef) -> None:
+    @staticmethod
+    async def _remove_cgroups(guest: GuestState) -> None:
+        """Kill what is left of the guest (everything it started is in its cgroups) and
+        remove its cgroups."""
+        await asyncio.to_thread(cgroups.remove, guest.resources.get("cgroups", []))
+        guest.resources.pop("cgroups", None)
+
+    async def _kill(self, process: ProcessRef) -> None:
         for child in process.children():
             child.signal(signal.SIGKILL)
         process.signal(signal.SIGKILL)
+        await process.wait(5)
 
     async def _shutdown(self, guest: GuestState, graceful: bool = True) -> None:
         """Stop the guest, then unmount its disk layer and remove its network; every part
@@ -182,6 +222,7 @@ class ContainerRuntime(HostedRuntime):
             process.signal(signal.SIGKILL)
             await process.wait(5)
         await _wait_until_empty(guest.resources.pop("pid_namespace", None))
+        await self._remove_cgroups(guest)
         guest.resources.pop("process", None)
         guest.resources.pop("leader", None)
         folder = self.guest_dir(guest.guest_id)
@@ -230,3 +271,11 @@ def _is_mountpoint(path: Path) -> bool:
     target = str(path)
     with open("/proc/self/mounts") as fh:
         return any(line.split()[1] == target for line in fh)
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    """The last lines of a log, joined for a one-line reason ('' if there is none)."""
+    try:
+        return " / ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""

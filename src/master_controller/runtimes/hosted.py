@@ -21,7 +21,7 @@ from master_controller.images.store import ImageInfo, ImageStore
 from master_controller.network import firewall, netns
 from master_controller.network.ipam import AddressAllocator
 from master_controller.network.netns import GuestLink
-from master_controller.process import ProcessRef
+from master_controller.process import ProcessRef, reap
 from master_controller.runtimes.base import GuestSecrets, GuestState, GuestStatus, Runtime
 from master_controller.settings import Settings
 from master_controller.steps import StepLog
@@ -99,6 +99,7 @@ class HostedRuntime(Runtime):
 
     async def destroy(self, guest: GuestState) -> None:
         await self._shutdown(guest, graceful=False)
+        reap()
         self.addresses.release(guest.guest_id)
         shutil.rmtree(self.guest_dir(guest.guest_id), ignore_errors=True)
         guest.status = GuestStatus.DESTROYED
@@ -119,9 +120,9 @@ class HostedRuntime(Runtime):
         exists = await netns.aexists(link)
         if exists and not reuse:
             await netns.aremove(link)
+        undo.push_async_callback(netns.aremove, link)  # first: a cancelled create is undone
         if not exists or not reuse:
             await netns.acreate(link, lease, tap=tap)
-        undo.push_async_callback(netns.aremove, link)
         return link
 
     def link(self, guest: GuestState) -> GuestLink:

@@ -273,7 +273,8 @@ class SessionManager:
                 "see the controller's log",
             )
         finally:
-            self._logins.pop(session_id, None)
+            if self._logins.get(session_id) is asyncio.current_task():  # not a newer watcher
+                del self._logins[session_id]
 
     async def _note(self, session_id: str, reported: set[str], name: str, detail: str) -> None:
         if name not in reported:
