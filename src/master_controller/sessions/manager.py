@@ -296,14 +296,14 @@ class SessionManager:
         )
         await self.viewers.close_all(row.id, SESSION_ENDED, "credentials captured")
         guest = self.guest(row)
-        outcome = "guest destroyed"
+        hibernated, outcome = False, "guest destroyed"
         if self.settings.after_capture == "hibernate":
             try:
                 await self.runtime.hibernate(guest)
-                outcome = "guest hibernated"
+                hibernated, outcome = True, "guest hibernated"
             except HibernateFailed as exc:  # the credentials are safe; the guest is not needed
                 outcome = f"hibernating failed ({exc.reason}), so the guest was destroyed"
-        if outcome.endswith("destroyed"):
+        if not hibernated:
             await self.runtime.destroy(guest)
         await self.transition(row.id, State.CAPTURED, f"credentials stored; {outcome}")
 
