@@ -21,6 +21,7 @@ from master_controller.readiness import (
     rfb_over_websocket,
     websocket_upgrade,
 )
+from master_controller.runtimes import cgroups
 from master_controller.runtimes.base import GuestSecrets, GuestStatus
 from master_controller.runtimes.container import ContainerRuntime
 from tests.runtimes.leaks import HostSnapshot, wait_until_back
@@ -155,6 +156,15 @@ def _host_uid(pid: int) -> int:
     return int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
 
 
+def _unified_cgroup(pid: int) -> str | None:
+    """The process's cgroup2 path with a trailing slash (None if it has exited)."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    return next(line for line in lines if line.startswith("0::"))[3:] + "/"
+
+
 def _as_guest_root(leader: int, *argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["nsenter", "-t", str(leader), "-a", *argv], capture_output=True, text=True, timeout=30
@@ -181,10 +191,10 @@ async def test_guest_root_is_an_unprivileged_user_on_the_host(
             inside = processes_in({guest.resources["pid_namespace"]})
             assert len(inside) > 10  # systemd, Xvfb, x11vnc, websockify, Chromium, ...
             assert all(_host_uid(pid) in ranges[-1] for pid in inside)
-            # every process of the guest is in its own cgroups
-            procs = Path(guest.resources["cgroups"][0]).glob("**/cgroup.procs")
-            in_cgroup = {int(p) for f in procs for p in f.read_text().split()}
-            assert set(inside) <= in_cgroup
+            # every process of the guest is in its own cgroup (or has exited meanwhile)
+            own = f"/{cgroups.PARENT}/{guest.guest_id}/"
+            paths = [p for p in map(_unified_cgroup, inside) if p is not None]
+            assert len(paths) > 10 and all(own in p for p in paths), (own, paths)
             assert _as_guest_root(leader, "id", "-u").stdout.strip() == "0"
             link = _as_guest_root(leader, "ip", "-o", "link", "show").stdout
             ifname = next(
