@@ -48,14 +48,16 @@ class ContainerRuntime(HostedRuntime):
 
     @classmethod
     def probe(cls, settings: Settings) -> ProbeResult:
-        tools = ("systemd-nspawn", "mount", "umount", "nft")
+        tools = ("systemd-nspawn", "mount", "umount", "nft", "nsenter", "unshare")
         if missing := [t for t in tools if shutil.which(t) is None]:
             return ProbeResult(False, f"not installed: {', '.join(missing)} (run scripts/setup.sh)")
         if "overlay" not in Path("/proc/filesystems").read_text():
             return ProbeResult(False, "the kernel has no overlayfs")
-        if not Path("/proc/self/ns/net").exists():
-            return ProbeResult(False, "the kernel has no network namespaces")
-        return ProbeResult(True, "systemd-nspawn, overlayfs and network namespaces are available")
+        if not Path("/proc/self/ns/net").exists() or not Path("/proc/self/ns/user").exists():
+            return ProbeResult(False, "the kernel has no network or user namespaces")
+        return ProbeResult(
+            True, "systemd-nspawn, overlayfs, network and user namespaces are available"
+        )
 
     # --- lifecycle ----------------------------------------------------------------------
 
