@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from master_controller.diskspace import free_bytes, full_reason, is_full_error, require_free
 from master_controller.errors import BuildError, CommandError, StorageFull
+from tests.filesystems import tmpfs
 
 
 def test_a_full_disk_is_recognised_through_causes_and_command_output() -> None:
@@ -41,8 +41,7 @@ def test_free_space_of_a_path_not_made_yet_is_its_parents(tmp_path: Path) -> Non
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_a_real_full_file_system_is_named_with_what_is_free(tmp_path: Path) -> None:
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", tmp_path], check=True)
-    try:
+    with tmpfs(tmp_path, "4m"):
         with pytest.raises(OSError) as full:
             (tmp_path / "big").write_bytes(b"\0" * 5 * 2**20)
         assert is_full_error(full.value)
@@ -53,5 +52,3 @@ def test_a_real_full_file_system_is_named_with_what_is_free(tmp_path: Path) -> N
         require_free(tmp_path, 2**20, "writing a small file")
         with pytest.raises(StorageFull, match=r"needs about 8 MiB .* 4 MiB are free"):
             require_free(tmp_path, 8 * 2**20, "writing a big file")
-    finally:
-        subprocess.run(["umount", tmp_path], check=True)

@@ -18,6 +18,7 @@ from master_controller.images.verify import Verifier
 from master_controller.runtimes.container import ContainerRuntime
 from master_controller.settings import Settings
 from tests.conftest import RECIPES
+from tests.filesystems import tmpfs
 
 pytestmark = pytest.mark.integration
 
@@ -119,12 +120,6 @@ def test_a_failed_build_leaves_nothing_in_the_store(
     assert not any(tmp.iterdir())
 
 
-def mount_tmpfs(where: Path, size: str) -> None:
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", where], check=True
-    )
-
-
 @pytest.fixture
 def small_cache(
     integration_settings: Settings, golden_image: str, tmp_path: Path
@@ -142,8 +137,7 @@ def small_cache(
             ["du", "-sb", layer], capture_output=True, text=True, check=True
         ).stdout.split()[0]
     )
-    mount_tmpfs(fs, f"{(used * 11 // 10 + 300 * 2**20) // 2**20}m")
-    try:
+    with tmpfs(fs, f"{(used * 11 // 10 + 300 * 2**20) // 2**20}m"):
         (fs / "layers").mkdir()
         subprocess.run(["cp", "-a", layer, fs / "layers"], check=True)
         subprocess.run(["mount", "--bind", fs, cache], check=True)
@@ -151,8 +145,6 @@ def small_cache(
             yield fs
         finally:
             subprocess.run(["umount", cache], check=False)
-    finally:
-        subprocess.run(["umount", fs], check=False)
 
 
 def test_a_build_that_fills_the_disk_says_so_and_leaves_nothing(

@@ -9,7 +9,6 @@ import asyncio
 import os
 import secrets
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from master_controller.rfb import Frame
 from master_controller.runtimes.qemu import STATE_FILE, QemuRuntime
 from master_controller.sessions.agent import GuestAgent
 from master_controller.settings import Settings
+from tests.filesystems import tmpfs
 from tests.runtimes.leaks import HostSnapshot
 from tests.servers import Controller, controller, same_share
 
@@ -33,11 +33,8 @@ def small_guests_fs(integration_settings: Settings) -> Iterator[Path]:
     guests = integration_settings.guests_dir
     guests.mkdir(parents=True, exist_ok=True)
     assert not any(guests.iterdir()), "leftover guests (the session fixture removes them)"
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2g,mode=0700", "tmpfs", guests], check=True)
-    try:
+    with tmpfs(guests, "2g"):
         yield guests
-    finally:
-        subprocess.run(["umount", "--lazy", guests], check=False)
 
 
 def fill(folder: Path, leave: int) -> Path:

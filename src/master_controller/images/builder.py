@@ -271,8 +271,7 @@ class ImageBuilder:
                     timeout=600,
                     cwd=tree,
                 )
-        except CommandError as exc:
-            shutil.rmtree(work, ignore_errors=True)
+        except CommandError as exc:  # build() clears the unfinished work folder
             raise BuildError(f"tools layer: {exc.reason}") from exc
         bins = sorted(p.name for p in (tree / "node_modules" / ".bin").iterdir())
         size = sum((Path(d) / f).lstat().st_size for d, _, names in os.walk(tree) for f in names)
