@@ -2,12 +2,26 @@
 
 Guests reach it on their gateway address (``egress_port``; the firewall lets guest links
 reach that port and nothing else on the host). Each connection is matched to its guest by
-source address, and the guest's session decides which hosts it may reach: the provider's
-sign-in domains (and their subdomains), or for ``oauth2`` the hosts of its configured
-endpoints. Anything else gets a 403 naming the host. Two request forms are served: CONNECT
-(HTTPS tunnels) and absolute-form HTTP requests, forwarded with ``Connection: close``.
+source address. What a guest may reach is an :class:`Allowance` the session layer grants
+while the guest's session is ready or signing in (:meth:`EgressProxy.grant`) and revokes
+when it leaves those states (:meth:`EgressProxy.revoke`, which also closes the guest's
+open tunnels); the proxy looks it up in memory, never in the database.
 
-``egress_hosts`` maps a host name to the address to connect to instead of resolving it.
+A request passes when its host is one of the allowance's domains (or a subdomain), its port
+is allowed (CONNECT: the allowance's ports, 443 by default; absolute-form ``http://``: 80
+or the allowance's ports), and the address it leads to is not one guests may not reach
+(see :mod:`.egress_destination`: loopback, private, this host's own addresses ... unless an
+operator mapped that exact host and port in ``egress_hosts``). Anything else gets a status
+and a reason. Two request forms are served: CONNECT (tunnels) and absolute-form HTTP
+requests, forwarded with ``Connection: close``.
+
+Bounds, so that one guest cannot take the proxy from the others: ``egress_max_connections``
+open connections per guest (more are answered 429 and closed at once), a total cap derived
+from the process's file-descriptor limit (503 beyond it), a deadline and a size limit for the
+request head, at most a few concurrent DNS lookups per guest on threads of the proxy's own,
+and ``egress_idle_timeout``: a tunnel with no byte either way for that long is closed.
+
+Metric labels are fixed outcome words; nothing a guest sends becomes a label.
 """
 
 from __future__ import annotations
@@ -16,184 +30,331 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from urllib.parse import urlsplit
+import resource
+from dataclasses import dataclass, field
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
+from master_controller.network.egress_destination import Destinations, HostMap, nonlocal_bind
+from master_controller.network.egress_http import (
+    MAX_HEAD,
+    EgressRefused,
+    Request,
+    parse,
+    read_head,
+    refusal,
+    relay,
+)
 from master_controller.settings import Settings
 
+__all__ = ["Allowance", "EgressProxy"]
+
 log = logging.getLogger("master_controller.egress")
-MAX_HEAD = 16 * 1024
 HEAD_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
-RELAY_CHUNK = 64 * 1024
+# concurrent DNS lookups one guest may have (its other connections wait their turn)
+LOOKUPS_PER_GUEST = 2
+# the accept queue is shared by all guests: deep enough that one guest's burst does not
+# push another's connection attempts into SYN retries
+BACKLOG = 1024
+# seconds a finished connection may take to hand its last bytes to a slow reader
+CLOSE_LINGER = 5.0
+
+OVER_GUEST_CAP = refusal(429, "too many connections from this guest")
+OVER_TOTAL_CAP = refusal(503, "the egress proxy is busy")
 
 EGRESS_REQUESTS = Counter(
     "mc_egress_requests_total", "Guest egress requests by outcome", ["outcome"]
 )
+EGRESS_OPEN = Gauge("mc_egress_open_connections", "Open guest connections to the egress proxy")
 
 
 @dataclass(frozen=True)
 class Allowance:
-    """What one guest may reach right now."""
+    """What one guest may reach right now: ``domains`` and their subdomains, on ``ports``
+    (CONNECT; plain ``http://`` may also use 80)."""
 
     session_id: str
     domains: tuple[str, ...]
+    ports: frozenset[int] = frozenset({443})
 
     def allows(self, host: str) -> bool:
         host = host.lower().rstrip(".")
         return any(host == d or host.endswith("." + d) for d in self.domains)
 
+    def allows_port(self, port: int, tunnel: bool) -> bool:
+        return port in self.ports or (not tunnel and port == 80)
 
-Policy = Callable[[str], Awaitable[Allowance | None]]
+
+@dataclass(eq=False)
+class _Connection:
+    """One admitted guest connection, from accept to close."""
+
+    guest: asyncio.StreamWriter
+    task: asyncio.Task[None] | None = None
+    upstream: asyncio.StreamWriter | None = None
+
+    def abort(self) -> None:
+        """Close both sides now; bytes not yet sent are dropped."""
+        self.guest.transport.abort()
+        if self.upstream is not None:
+            self.upstream.transport.abort()
+
+    def close(self) -> None:
+        """Abort both sides and stop the connection's task (revocation, shutdown)."""
+        self.abort()
+        if self.task is not None:
+            self.task.cancel()
+
+    async def finish(self) -> None:
+        """Close both sides once what was written has gone out, waiting at most
+        CLOSE_LINGER seconds for a peer that does not read; then abort."""
+        writers = [w for w in (self.guest, self.upstream) if w is not None]
+        try:
+            for writer in writers:
+                writer.close()
+            await asyncio.wait_for(
+                asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True),
+                CLOSE_LINGER,
+            )
+        except TimeoutError:
+            pass
+        finally:
+            self.abort()
 
 
-class EgressRefused(Exception):
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
+@dataclass(eq=False)
+class _Guest:
+    """A guest address with connections open."""
+
+    connections: set[_Connection] = field(default_factory=set)
+    lookups: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(LOOKUPS_PER_GUEST))
+
+
+class _Gate(asyncio.Protocol):
+    """Every accepted connection starts here: the proxy admits it (handing the transport to
+    a stream protocol and a task of its own) or refuses it on the spot, so a refused
+    connection never costs a task, a stream reader or a buffer."""
+
+    def __init__(self, proxy: EgressProxy) -> None:
+        self.proxy = proxy
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.proxy._admit(transport)
+
+
+def total_cap() -> int:
+    """Connections the proxy holds at once, all guests together: each takes up to two file
+    descriptors, and half of the process's limit stays for everything else."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 65536
+    return max(16, soft // 4)
 
 
 class EgressProxy:
-    def __init__(self, settings: Settings, policy: Policy) -> None:
+    """The proxy. ``start()`` listens on ``egress_port`` (0: no egress, nothing listens);
+    ``stop()`` closes every connection. Raises ConfigError for a bad ``egress_hosts``."""
+
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.policy = policy
         self.network = settings.guest_network
+        self.per_guest = settings.egress_max_connections
+        self.idle_timeout = settings.egress_idle_timeout
+        self.head_timeout = HEAD_TIMEOUT
+        self.total = total_cap()
+        self.destinations = Destinations(HostMap(settings.egress_hosts), settings.guest_network)
         self.server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._allowances: dict[str, Allowance] = {}
+        self._guests: dict[str, _Guest] = {}
+        self._open = 0
+
+    # --- the session layer's side ----------------------------------------------------------
+
+    def grant(self, address: str, allowance: Allowance) -> None:
+        """Let the guest at ``address`` reach what ``allowance`` names, from its next request
+        on. A grant for another session than the one holding ``address`` closes the
+        connections that session's guest left open."""
+        key = _normal(address)
+        held = self._allowances.get(key)
+        if held is not None and held.session_id != allowance.session_id:
+            self._close_guest(key)
+        self._allowances[key] = allowance
+
+    def revoke(self, address: str) -> int:
+        """Take the guest at ``address`` its egress, and close its open connections at once.
+        Returns how many were closed. Revoking what was never granted is fine."""
+        key = _normal(address)
+        self._allowances.pop(key, None)
+        return self._close_guest(key)
+
+    def open_connections(self, address: str | None = None) -> int:
+        """Open connections of the guest at ``address``, or of all guests."""
+        if address is None:
+            return self._open
+        guest = self._guests.get(_normal(address))
+        return 0 if guest is None else len(guest.connections)
+
+    def _close_guest(self, key: str) -> int:
+        guest = self._guests.get(key)
+        if guest is None:
+            return 0
+        closing = list(guest.connections)
+        for connection in closing:
+            connection.close()
+        return len(closing)
+
+    # --- serving ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         if not self.settings.egress_port:
             return
+        self.total = total_cap()  # the limit may have been raised since construction
+        if nonlocal_bind():
+            log.warning(
+                "net.ipv4/ipv6.ip_nonlocal_bind is on: the egress proxy cannot tell this "
+                "host's own addresses from others and refuses every destination not mapped "
+                "exactly in egress_hosts"
+            )
         # Bound to all addresses because guests' gateway addresses come and go; peers
         # outside the guest network are dropped at once, and the firewall admits this port
         # from guest links only.
-        self.server = await asyncio.start_server(
-            self._accept, host="0.0.0.0", port=self.settings.egress_port, reuse_address=True
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: _Gate(self),
+            host="0.0.0.0",
+            port=self.settings.egress_port,
+            reuse_address=True,
+            backlog=BACKLOG,
         )
 
     async def stop(self) -> None:
+        """Stop listening and close every connection; returns once their tasks are done."""
         if self.server is not None:
             self.server.close()
-            for task in list(self._connections):
-                task.cancel()
+            tasks = [
+                c.task for g in self._guests.values() for c in g.connections if c.task is not None
+            ]
+            for key in list(self._guests):
+                self._close_guest(key)
+            if tasks:
+                await asyncio.wait(tasks, timeout=CLOSE_LINGER)
             with contextlib.suppress(Exception):
                 await self.server.wait_closed()
+        self.destinations.close()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
+    def _admit(self, transport: asyncio.Transport) -> None:
+        """Refuse a connection at once (not a guest: closed without a word; over a cap: 429
+        or 503), or count it and start its task. Counted before anything awaits, so a burst
+        cannot slip past the caps."""
+        peer = _peer(transport.get_extra_info("peername"))
+        if peer is None or ipaddress.ip_address(peer) not in self.network:
+            EGRESS_REQUESTS.labels("not_a_guest").inc()
+            transport.abort()
+            return
+        guest = self._guests.get(peer)
+        held = 0 if guest is None else len(guest.connections)
+        if held >= self.per_guest or self._open >= self.total:
+            over_guest = held >= self.per_guest
+            EGRESS_REQUESTS.labels("over_guest_cap" if over_guest else "over_total_cap").inc()
+            transport.write(OVER_GUEST_CAP if over_guest else OVER_TOTAL_CAP)
+            transport.close()  # what was written still goes out
+            return
+        if guest is None:
+            guest = self._guests[peer] = _Guest()
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=MAX_HEAD, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        connection = _Connection(asyncio.StreamWriter(transport, protocol, reader, loop))
+        guest.connections.add(connection)
+        self._open += 1
+        EGRESS_OPEN.inc()
+        connection.task = loop.create_task(self._handle(peer, guest, connection, reader))
+
+    async def _handle(
+        self, peer: str, guest: _Guest, connection: _Connection, reader: asyncio.StreamReader
+    ) -> None:
+        """One admitted connection, to its end; it stops being counted once its sockets
+        are closed (so connections still handing out their last bytes hold the cap too)."""
         try:
-            await self._serve(reader, writer)
+            await self._serve(peer, guest, connection, reader)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, OSError):
             pass
+        except Exception:  # a bug: say so, and still release the connection
+            log.exception("egress connection from %s failed", peer)
         finally:
-            self._connections.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            try:
+                await connection.finish()
+            finally:
+                guest.connections.discard(connection)
+                if not guest.connections and self._guests.get(peer) is guest:
+                    del self._guests[peer]
+                self._open -= 1
+                EGRESS_OPEN.dec()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = str(writer.get_extra_info("peername")[0])
-        if ipaddress.ip_address(peer) not in self.network:
-            EGRESS_REQUESTS.labels("not_a_guest").inc()
-            return
+    async def _serve(
+        self, peer: str, guest: _Guest, connection: _Connection, reader: asyncio.StreamReader
+    ) -> None:
+        writer = connection.guest
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
-        except asyncio.LimitOverrunError:
-            await _refuse(writer, 431, "request head too large")
-            return
-        if len(head) > MAX_HEAD:
-            await _refuse(writer, 431, "request head too large")
-            return
-        try:
-            method, host, port, forward = _parse(head)
-            allowance = await self.policy(peer)
-            if allowance is None:
-                raise EgressRefused(403, "this guest has no sign-in that allows egress")
-            if not allowance.allows(host):
-                raise EgressRefused(403, f"egress to {host} is not allowed for this sign-in")
-        except EgressRefused as exc:
-            EGRESS_REQUESTS.labels("refused").inc()
-            log.info("egress from %s refused: %s", peer, exc.reason)
-            await _refuse(writer, exc.status, exc.reason)
-            return
-        address = self.settings.egress_hosts.get(host.lower(), host)
-        try:
-            up_reader, up_writer = await asyncio.wait_for(
-                asyncio.open_connection(address, port), CONNECT_TIMEOUT
+            request = parse(await read_head(reader, self.head_timeout))
+            allowance = self._check(peer, request)
+            streams, address = await self.destinations.connect(
+                request.host, request.port, CONNECT_TIMEOUT, guest.lookups
             )
-        except (OSError, TimeoutError) as exc:
-            EGRESS_REQUESTS.labels("unreachable").inc()
-            await _refuse(writer, 502, f"{host}:{port} is unreachable ({exc})")
+        except EgressRefused as exc:
+            EGRESS_REQUESTS.labels(exc.outcome).inc()
+            log.info("egress from %s refused: %s", peer, exc.reason)
+            writer.write(refusal(exc.status, exc.reason))
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.drain()
             return
+        up_reader, connection.upstream = streams
         EGRESS_REQUESTS.labels("allowed").inc()
-        log.info("egress %s %s:%s for session %s", method, host, port, allowance.session_id)
-        if method == "CONNECT":
+        log.info(
+            "egress %s %s:%s (%s) for session %s",
+            request.method,
+            request.host,
+            request.port,
+            address,
+            allowance.session_id,
+        )
+        if request.tunnel:
             writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         else:
-            up_writer.write(forward)
+            connection.upstream.write(request.forward)
         await writer.drain()
-        try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-        finally:
-            up_writer.close()
+        if await relay((reader, writer), (up_reader, connection.upstream), self.idle_timeout):
+            EGRESS_REQUESTS.labels("idle_closed").inc()
+            log.info("egress %s:%s from %s closed: idle", request.host, request.port, peer)
+
+    def _check(self, peer: str, request: Request) -> Allowance:
+        """The guest's allowance, if it lets this request through. Raises EgressRefused."""
+        allowance = self._allowances.get(peer)
+        if allowance is None:
+            raise EgressRefused(403, "this guest has no sign-in that allows egress")
+        if not allowance.allows(request.host):
+            raise EgressRefused(403, f"egress to {request.host} is not allowed for this sign-in")
+        if not allowance.allows_port(request.port, request.tunnel):
+            raise EgressRefused(
+                403,
+                f"port {request.port} is not allowed for this sign-in",
+                outcome="forbidden_port",
+            )
+        return allowance
 
 
-def _parse(head: bytes) -> tuple[str, str, int, bytes]:
-    """(method, host, port, the request to forward) from a proxy request's head."""
+def _normal(address: str) -> str:
+    return str(ipaddress.ip_address(address))
+
+
+def _peer(peer: object) -> str | None:
+    if not isinstance(peer, tuple) or not peer:
+        return None
     try:
-        text = head.decode("latin-1")
-        request_line, *header_lines = text.split("\r\n")
-        method, target, version = request_line.split(" ")
-    except ValueError as exc:
-        raise EgressRefused(400, "malformed request line") from exc
-    if not version.startswith("HTTP/1."):
-        raise EgressRefused(400, f"unsupported protocol {version[:16]}")
-    if method == "CONNECT":
-        host, _, port_text = target.rpartition(":")
-        if not host or not port_text.isdigit():
-            raise EgressRefused(400, "CONNECT needs host:port")
-        return method, host.strip("[]"), int(port_text), b""
-    url = urlsplit(target)
-    if url.scheme != "http" or not url.hostname:
-        raise EgressRefused(400, "only absolute http:// requests and CONNECT are proxied")
-    port = url.port or 80
-    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-    kept = [
-        line
-        for line in header_lines
-        if line and not line.lower().startswith(("proxy-", "connection:", "keep-alive:"))
-    ]
-    forward = "\r\n".join([f"{method} {path} {version}", *kept, "Connection: close", "", ""])
-    return method, url.hostname, port, forward.encode("latin-1")
-
-
-async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-    try:
-        while chunk := await source.read(RELAY_CHUNK):
-            sink.write(chunk)
-            await sink.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        with contextlib.suppress(OSError, RuntimeError):
-            if sink.can_write_eof():
-                sink.write_eof()
-
-
-async def _refuse(writer: asyncio.StreamWriter, status: int, reason: str) -> None:
-    body = f"master-controller egress proxy: {reason}\n".encode()
-    phrase = {400: "Bad Request", 403: "Forbidden", 431: "Too Large", 502: "Bad Gateway"}
-    writer.write(
-        f"HTTP/1.1 {status} {phrase.get(status, 'Error')}\r\n"
-        f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n".encode()
-        + body
-    )
-    with contextlib.suppress(ConnectionError, OSError):
-        await writer.drain()
+        return _normal(str(peer[0]))
+    except ValueError:
+        return None
