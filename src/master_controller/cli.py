@@ -432,14 +432,16 @@ def main() -> None:
 
 @vault_app.command("rotate")
 def vault_rotate() -> None:
-    """A new vault key; every stored credential is re-encrypted with it, old keys dropped."""
-    from master_controller.credentials import CredentialStore
+    """A new vault key; every stored credential is re-encrypted with it, old keys dropped.
+    Safe while the controller runs: it waits for the vault's lock, and the controller picks
+    the new key up from the key file."""
+    from master_controller.credentials import CredentialStore, Rotation
     from master_controller.vault import Vault
 
     settings = get_settings()
     database = Database(settings.database)
 
-    async def go() -> tuple[str, int, list[str]]:
+    async def go() -> Rotation:
         try:
             return await CredentialStore(database, Vault.open(settings)).rotate()
         finally:
@@ -447,11 +449,18 @@ def vault_rotate() -> None:
 
     with reported():
         database.migrate()
-        new_key, count, retired = asyncio.run(go())
+        done = asyncio.run(go())
     console.print(
-        f"vault key {new_key} is current; {count} records re-encrypted; "
-        f"retired: {', '.join(retired) or 'none'}"
+        f"vault key {done.new_key} is current; {done.reencrypted} records re-encrypted; "
+        f"retired: {', '.join(done.retired) or 'none'}"
     )
+    if done.unreadable:
+        err_console.print(
+            f"[red]error:[/] {len(done.unreadable)} records do not decrypt and were left as "
+            f"they are, with their keys: {', '.join(done.unreadable[:20])}; delete them, "
+            "then rotate again to retire their keys"
+        )
+        raise typer.Exit(code=1)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,39 @@
 """Captured credentials: stored encrypted through the vault, listed without secrets,
-validated with the provider's own validator, exported (audited), deleted, re-encrypted."""
+validated with the provider's own validator, exported (audited), deleted, re-encrypted.
+
+A record belongs to the API key whose session captured it: there is one record per (API key,
+user, provider), and every read names the key it reads for (``api_key_id``). A key reaches
+only its own records. A key with ``admin`` reaches every key's records; when a user has
+records under several keys for one provider, an admin names the one it means (``of_key``: a
+key id, or :data:`NO_KEY` for a record captured without a key, e.g. before migration 0003
+gave records owners) and is refused with the candidates otherwise, rather than acting on
+one chosen for it.
+"""
 
 from __future__ import annotations
 
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import ColumnElement, delete, select
+from sqlalchemy.exc import IntegrityError
 
-from master_controller.errors import CredentialsNotFound, VaultError
+from master_controller.errors import AmbiguousCredentials, CredentialsNotFound, VaultError
 from master_controller.store.database import Database
 from master_controller.store.models import AuditRow, CredentialRow, utcnow
-from master_controller.vault import Sealed, Vault
+from master_controller.vault import Binding, Sealed, Vault
 from mc_agent import providers
 from mc_agent.providers import CredentialStatus
+
+# ``of_key`` naming the records that have no API key (visible to admin keys only)
+NO_KEY = "none"
+# records re-encrypted per round trip during a rotation (all in one transaction)
+ROTATE_BATCH = 200
 
 
 @dataclass(frozen=True)
@@ -29,6 +45,28 @@ class Captured:
     expires_at: float | None
 
 
+@dataclass(frozen=True)
+class Rotation:
+    """What a rotation did. ``unreadable`` are record ids that did not decrypt; they were
+    left as they were, and so were their keys (delete them, then rotate again)."""
+
+    new_key: str
+    reencrypted: int
+    retired: list[str]
+    unreadable: list[str]
+
+
+def _key_is(api_key_id: str | None) -> ColumnElement[bool]:
+    if api_key_id is None:
+        return CredentialRow.api_key_id.is_(None)
+    return CredentialRow.api_key_id == api_key_id
+
+
+def binding(row: CredentialRow) -> Binding:
+    """What the row's ciphertext is bound to."""
+    return Binding(row.id, row.user_id, row.provider, row.api_key_id, row.binding)
+
+
 class CredentialStore:
     def __init__(self, db: Database, vault: Vault) -> None:
         self.db = db
@@ -37,12 +75,25 @@ class CredentialStore:
     async def store(
         self, user_id: str, captured: Captured, session_id: str | None, api_key_id: str | None
     ) -> CredentialRow:
-        """Encrypt and keep ``captured`` as the user's credentials for its provider (a newer
-        capture replaces the older one)."""
+        """Encrypt and keep ``captured`` as the user's credentials for its provider under
+        ``api_key_id`` (a newer capture through the same key replaces the older one; other
+        keys' records are untouched)."""
+        async with self.vault.shared():
+            # the key file may have been rotated since this process read it
+            self.vault.reload_if_changed()
+            try:
+                return await self._replace(user_id, captured, session_id, api_key_id)
+            except IntegrityError:
+                # two captures for one key, user and provider at once: the other one
+                # inserted between our delete and insert; replace it in turn
+                return await self._replace(user_id, captured, session_id, api_key_id)
+
+    async def _replace(
+        self, user_id: str, captured: Captured, session_id: str | None, api_key_id: str | None
+    ) -> CredentialRow:
         record_id = str(uuid.uuid4())
-        plaintext = json.dumps({"files": captured.files}).encode()
-        sealed = self.vault.seal(record_id, user_id, captured.provider, plaintext)
-        expires = datetime.fromtimestamp(captured.expires_at, UTC) if captured.expires_at else None
+        bound = Binding(record_id, user_id, captured.provider, api_key_id)
+        sealed = self.vault.seal(bound, json.dumps({"files": captured.files}).encode())
         row = CredentialRow(
             id=record_id,
             user_id=user_id,
@@ -52,68 +103,138 @@ class CredentialStore:
             key_id=sealed.key_id,
             nonce=sealed.nonce,
             ciphertext=sealed.ciphertext,
+            binding=bound.version,
             files=",".join(sorted(captured.files)),
             captured_at=utcnow(),
-            expires_at=expires,
+            expires_at=(
+                datetime.fromtimestamp(captured.expires_at, UTC) if captured.expires_at else None
+            ),
         )
         async with self.db.session() as db:
             await db.execute(
                 delete(CredentialRow).where(
-                    CredentialRow.user_id == user_id, CredentialRow.provider == captured.provider
+                    _key_is(api_key_id),
+                    CredentialRow.user_id == user_id,
+                    CredentialRow.provider == captured.provider,
                 )
             )
             db.add(row)
             await db.commit()
         return row
 
-    async def for_user(self, user_id: str) -> list[CredentialRow]:
+    async def for_user(
+        self, user_id: str, api_key_id: str | None, *, admin: bool = False
+    ) -> list[CredentialRow]:
+        """The user's records ``api_key_id`` reaches (every key's for an admin)."""
+        query = select(CredentialRow).where(CredentialRow.user_id == user_id)
+        if not admin:
+            query = query.where(_key_is(api_key_id))
         async with self.db.session() as db:
             result = await db.execute(
-                select(CredentialRow)
-                .where(CredentialRow.user_id == user_id)
-                .order_by(CredentialRow.provider)
+                query.order_by(CredentialRow.provider, CredentialRow.captured_at)
             )
             return list(result.scalars())
 
-    async def get(self, user_id: str, provider: str) -> CredentialRow:
+    async def get(
+        self,
+        user_id: str,
+        provider: str,
+        api_key_id: str | None,
+        *,
+        admin: bool = False,
+        of_key: str | None = None,
+    ) -> CredentialRow:
+        """The one record ``api_key_id`` means: its own, or for an admin the one of key
+        ``of_key`` (or the only one there is). Another key's record is "not found" to a
+        non-admin, as if it did not exist."""
+        missing = CredentialsNotFound(f"no {provider[:32]} credentials for {user_id[:128]!r}")
+        query = select(CredentialRow).where(
+            CredentialRow.user_id == user_id, CredentialRow.provider == provider
+        )
+        if of_key is not None or not admin:
+            owner = api_key_id if of_key is None else None if of_key == NO_KEY else of_key
+            if not admin and owner != api_key_id:
+                raise missing
+            query = query.where(_key_is(owner))
         async with self.db.session() as db:
-            row = await db.scalar(
-                select(CredentialRow).where(
-                    CredentialRow.user_id == user_id, CredentialRow.provider == provider
-                )
+            rows: Sequence[CredentialRow] = (await db.scalars(query.limit(20))).all()
+        if not rows:
+            raise missing
+        if len(rows) > 1:
+            keys = ", ".join(sorted(r.api_key_id or NO_KEY for r in rows))
+            raise AmbiguousCredentials(
+                f"several API keys hold {provider[:32]} credentials for {user_id[:128]!r} "
+                f"({keys}); name one with apiKeyId"
             )
-        if row is None:
-            raise CredentialsNotFound(f"no {provider[:32]} credentials for {user_id[:128]!r}")
-        return row
+        return rows[0]
 
-    def files(self, row: CredentialRow) -> dict[str, str]:
+    def _open(self, row: CredentialRow) -> dict[str, str]:
         plaintext = self.vault.open_sealed(
-            row.id, row.user_id, row.provider, Sealed(row.key_id, row.nonce, row.ciphertext)
+            binding(row), Sealed(row.key_id, row.nonce, row.ciphertext)
         )
         files: dict[str, str] = json.loads(plaintext)["files"]
         return files
 
-    async def validate(self, user_id: str, provider: str) -> CredentialStatus:
-        row = await self.get(user_id, provider)
-        try:
-            files = self.files(row)
-        except VaultError as exc:
-            return CredentialStatus(False, exc.reason)
+    async def validate(
+        self,
+        user_id: str,
+        provider: str,
+        api_key_id: str | None,
+        *,
+        admin: bool = False,
+        of_key: str | None = None,
+    ) -> CredentialStatus:
+        """Whether the record decrypts and passes the provider's checks."""
+        # read and opened under the shared lock: a rotation cannot re-encrypt the row and
+        # drop its key between the two
+        async with self.vault.shared():
+            row = await self.get(user_id, provider, api_key_id, admin=admin, of_key=of_key)
+            try:
+                files = self._open(row)
+            except VaultError as exc:
+                return CredentialStatus(False, exc.reason)
         return providers.get(provider).validate(files, time.time())
 
-    async def export(self, user_id: str, provider: str, api_key_id: str | None) -> dict[str, Any]:
-        """The decrypted files, with an audit record of who took them."""
-        row = await self.get(user_id, provider)
-        files = self.files(row)
-        await self.audit(api_key_id, "export", user_id, provider, f"files: {row.files}")
+    async def export(
+        self,
+        user_id: str,
+        provider: str,
+        api_key_id: str | None,
+        *,
+        admin: bool = False,
+        of_key: str | None = None,
+    ) -> dict[str, Any]:
+        """The decrypted files of the record ``api_key_id`` owns (any key's for an admin),
+        with an audit record of who took whose. Whether the caller may export at all (the
+        ``export`` scope) is the caller's check."""
+        async with self.vault.shared():
+            row = await self.get(user_id, provider, api_key_id, admin=admin, of_key=of_key)
+            files = self._open(row)
+        await self.audit(
+            api_key_id,
+            "export",
+            user_id,
+            provider,
+            f"files: {row.files}; record of key {row.api_key_id or NO_KEY}",
+        )
         return {"provider": provider, "files": files, "captured_at": row.captured_at}
 
-    async def delete(self, user_id: str, provider: str, api_key_id: str | None) -> None:
-        row = await self.get(user_id, provider)
+    async def delete(
+        self,
+        user_id: str,
+        provider: str,
+        api_key_id: str | None,
+        *,
+        admin: bool = False,
+        of_key: str | None = None,
+    ) -> None:
+        row = await self.get(user_id, provider, api_key_id, admin=admin, of_key=of_key)
         async with self.db.session() as db:
             await db.execute(delete(CredentialRow).where(CredentialRow.id == row.id))
             await db.commit()
-        await self.audit(api_key_id, "delete", user_id, provider, "")
+        await self.audit(
+            api_key_id, "delete", user_id, provider, f"record of key {row.api_key_id or NO_KEY}"
+        )
 
     async def audit(
         self, api_key_id: str | None, action: str, user_id: str, provider: str, detail: str
@@ -130,25 +251,71 @@ class CredentialStore:
             )
             await db.commit()
 
-    async def rotate(self) -> tuple[str, int, list[str]]:
-        """A new key; every record re-encrypted with it in one transaction; old keys
-        dropped. Returns (new key id, records re-encrypted, retired key ids)."""
-        new_key = self.vault.add_key()
-        count = 0
+    # --- rotation ---------------------------------------------------------------------------
+
+    async def rotate(self) -> Rotation:
+        """A new key; every record re-encrypted with it in one transaction; keys no record
+        uses any more dropped. Safe while a controller runs (it waits for the lock, then
+        reloads the key file), and a crash at any point loses nothing: the new key is on
+        disk before a record changes, and an old key goes only after the commit."""
+        async with self.vault.exclusive():
+            self.vault.reload_if_changed()  # start from the key file, not from memory
+            new_key = self.vault.add_key()
+            count, unreadable = await self.reencrypt()
+            retired = await self.retire_unused()
+        await self.audit(
+            None,
+            "rotate",
+            "",
+            "",
+            f"new key {new_key}; {count} records; retired {', '.join(retired) or 'none'}"
+            + (f"; {len(unreadable)} unreadable records kept" if unreadable else ""),
+        )
+        return Rotation(new_key, count, retired, unreadable)
+
+    async def reencrypt(self) -> tuple[int, list[str]]:
+        """Re-seal every record with the current key (and the current binding) in one
+        transaction; (records re-sealed, ids of records that do not decrypt). The caller
+        holds the exclusive lock."""
+        count, unreadable, last = 0, [], ""
         async with self.db.session() as db:
-            rows = list((await db.execute(select(CredentialRow))).scalars())
-            for row in rows:
-                plaintext = self.vault.open_sealed(
-                    row.id, row.user_id, row.provider, Sealed(row.key_id, row.nonce, row.ciphertext)
+            while True:
+                batch = list(
+                    await db.scalars(
+                        select(CredentialRow)
+                        .where(CredentialRow.id > last)
+                        .order_by(CredentialRow.id)
+                        .limit(ROTATE_BATCH)
+                    )
                 )
-                sealed = self.vault.seal(row.id, row.user_id, row.provider, plaintext)
-                row.key_id, row.nonce, row.ciphertext = (
-                    sealed.key_id,
-                    sealed.nonce,
-                    sealed.ciphertext,
-                )
-                count += 1
+                if not batch:
+                    break
+                for row in batch:
+                    try:
+                        plaintext = self.vault.open_sealed(
+                            binding(row), Sealed(row.key_id, row.nonce, row.ciphertext)
+                        )
+                    except VaultError:
+                        unreadable.append(row.id)
+                        continue
+                    bound = Binding(row.id, row.user_id, row.provider, row.api_key_id)
+                    sealed = self.vault.seal(bound, plaintext)
+                    row.key_id, row.nonce, row.ciphertext = (
+                        sealed.key_id,
+                        sealed.nonce,
+                        sealed.ciphertext,
+                    )
+                    row.binding = bound.version
+                    count += 1
+                last = batch[-1].id
+                await db.flush()
+                db.expunge_all()  # memory stays bounded by one batch
             await db.commit()
-        retired = self.vault.retire_others()
-        await self.audit(None, "rotate", "", "", f"new key {new_key}; {count} records")
-        return new_key, count, retired
+        return count, unreadable
+
+    async def retire_unused(self) -> list[str]:
+        """Drop the keys no record names (checked now, under the exclusive lock the caller
+        holds)."""
+        async with self.db.session() as db:
+            in_use = set(await db.scalars(select(CredentialRow.key_id).distinct()))
+        return self.vault.retire(in_use)

@@ -174,8 +174,22 @@ class VaultError(MCError):
     status = 500
 
 
+class VaultBusy(VaultError):
+    """The key file's lock was not free in time (a rotation is running)."""
+
+    status = 503
+    retry_after = 5
+
+
 class CredentialsNotFound(MCError):
     status = 404
+
+
+class AmbiguousCredentials(MCError):
+    """An admin asked for a user's credentials that several API keys hold, without saying
+    whose."""
+
+    status = 409
 
 
 class RateLimited(MCError):

@@ -443,7 +443,9 @@ class SessionManager:
     async def _captured(self, row: SessionRow) -> bool:
         """Whether this session's sign-in is stored already."""
         try:
-            stored = await self.credentials.get(row.user_id, row.provider)
+            # the record of this session's own key: another key's capture of the same user
+            # says nothing about this session
+            stored = await self.credentials.get(row.user_id, row.provider, row.api_key_id)
         except MCError:
             return False
         return stored.session_id == row.id

@@ -79,20 +79,28 @@ class ApiKeyRow(Base):
 
 
 class CredentialRow(Base):
-    """A user's captured credentials for one provider, encrypted (see :mod:`..vault`). The
-    ciphertext is bound to this row's id, user and provider by the AEAD's associated data."""
+    """A user's captured credentials for one provider, as captured through one API key
+    (one record per key, user and provider), encrypted (see :mod:`..vault`). The ciphertext
+    is bound to this row's id, user, provider and (``binding`` 2) API key by the AEAD's
+    associated data; ``binding`` 1 rows, sealed before migration 0003, leave the key out."""
 
     __tablename__ = "credentials"
-    __table_args__ = (Index("ux_credentials_user_provider", "user_id", "provider", unique=True),)
+    __table_args__ = (
+        Index("ux_credentials_key_user_provider", "api_key_id", "user_id", "provider", unique=True),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     user_id: Mapped[str] = mapped_column(String(128))
     provider: Mapped[str] = mapped_column(String(32))
     session_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    # None: captured without a key (before 0003, or by the controller itself): admin only
     api_key_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     key_id: Mapped[str] = mapped_column(String(32))
     nonce: Mapped[bytes] = mapped_column(LargeBinary)
     ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    # what the associated data binds (vault.Binding.version); a writer that does not set
+    # it is older code, which seals version 1
+    binding: Mapped[int] = mapped_column(default=2, server_default="1")
     files: Mapped[str] = mapped_column(Text, default="")  # names only, comma-separated
     captured_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -110,3 +118,4 @@ class AuditRow(Base):
     user_id: Mapped[str] = mapped_column(String(128), default="")
     provider: Mapped[str] = mapped_column(String(32), default="")
     detail: Mapped[str] = mapped_column(Text, default="")
+

@@ -1,13 +1,23 @@
 """Sign-in progress and captured credentials: the OAuth URL, credential status, stored
 credentials' metadata, validation, deletion, and the audited export of decrypted files
-(for keys with the ``export`` scope only)."""
+(for keys with the ``export`` scope only).
+
+Stored credentials belong to the API key whose session captured them: a key lists,
+validates, deletes and exports only its own records (another key's are "not found"). An
+admin key reaches every key's records; if a user's credentials for a provider were captured
+through several keys, it says which with ``?apiKeyId=`` and gets 409 with the candidates
+otherwise (acting on all of them at once, or on one picked for it, would export or delete
+what the caller did not name). Export also needs the ``export`` scope, which ``admin`` does
+not imply."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Depends, Path, Query
+from pydantic import Field
 
 from master_controller.auth import Caller, Forbidden
-from master_controller.errors import CredentialsNotFound, SessionStateError
+from master_controller.credentials import NO_KEY
+from master_controller.errors import SessionStateError
 from master_controller.sessions.agent import GuestAgent
 from master_controller.sessions.states import VIEWABLE, State
 from master_controller.store.models import CredentialRow, SessionRow
@@ -27,10 +37,24 @@ router = APIRouter(prefix="/api/auth")
 PROVIDER_PATTERN = r"^[a-z0-9_]{1,32}$"
 UserId = Path(pattern=USER_ID_PATTERN)
 ProviderName = Path(pattern=PROVIDER_PATTERN)
+OfKey = Query(
+    None,
+    alias="apiKeyId",
+    pattern=rf"^([0-9a-f-]{{36}}|{NO_KEY})$",
+    description="Whose record (admin keys, when a user's credentials for the provider were "
+    f"captured through several API keys): an API key id, or {NO_KEY!r} for a record "
+    "captured without one. A non-admin key may name only itself.",
+)
 
 
-def _visible(row: CredentialRow, who: Caller) -> bool:
-    return row.api_key_id == who.key_id or "admin" in who.scopes
+class StoredCredentialView(CredentialView):
+    api_key_id: str | None = Field(
+        description="The API key whose session captured them (null: captured without one)."
+    )
+
+    @classmethod
+    def of_row(cls, row: CredentialRow) -> StoredCredentialView:
+        return cls(**CredentialView.of(row).model_dump(), api_key_id=row.api_key_id)
 
 
 def _require(who: Caller, scope: str) -> None:
@@ -68,7 +92,8 @@ async def credential_status(
     stored already)."""
     stored = row.state == State.CAPTURED
     if stored:
-        status = await svc.credentials.validate(row.user_id, row.provider)
+        # the record this session's key holds, not another key's record of the same user
+        status = await svc.credentials.validate(row.user_id, row.provider, row.api_key_id)
     else:
         data = await (await _agent(svc, row)).credential_status()
         status = CredentialStatus(data["valid"], data["reason"], data.get("expires_at"))
@@ -82,35 +107,35 @@ async def credential_status(
     )
 
 
-@router.get("/credentials/{user_id}", response_model=list[CredentialView])
+def _admin(who: Caller) -> bool:
+    return "admin" in who.scopes
+
+
+@router.get("/credentials/{user_id}", response_model=list[StoredCredentialView])
 async def list_credentials(
     user_id: str = UserId, who: Caller = Depends(caller), svc: Services = Depends(services)
-) -> list[CredentialView]:
-    """The user's stored credentials: provider, when captured, expiry. No secrets."""
+) -> list[StoredCredentialView]:
+    """The user's stored credentials that this key's sessions captured (every key's, for an
+    admin key): provider, when captured, expiry, which key. No secrets."""
     _require(who, "sessions")
-    rows = [r for r in await svc.credentials.for_user(user_id) if _visible(r, who)]
-    return [CredentialView.of(r) for r in rows]
-
-
-async def _owned(svc: Services, who: Caller, user_id: str, provider: str) -> CredentialRow:
-    row = await svc.credentials.get(user_id, provider)
-    if not _visible(row, who):
-        raise CredentialsNotFound(f"no {provider} credentials for {user_id!r}")
-    return row
+    rows = await svc.credentials.for_user(user_id, who.key_id, admin=_admin(who))
+    return [StoredCredentialView.of_row(r) for r in rows]
 
 
 @router.get("/validate/{user_id}/{provider}", response_model=ValidationView)
 async def validate(
     user_id: str = UserId,
     provider: str = ProviderName,
+    of_key: str | None = OfKey,
     who: Caller = Depends(caller),
     svc: Services = Depends(services),
 ) -> ValidationView:
     """Whether the stored credentials decrypt and pass the provider's checks (fields,
     expiry)."""
     _require(who, "sessions")
-    await _owned(svc, who, user_id, provider)
-    status = await svc.credentials.validate(user_id, provider)
+    status = await svc.credentials.validate(
+        user_id, provider, who.key_id, admin=_admin(who), of_key=of_key
+    )
     return ValidationView(
         user_id=user_id,
         provider=provider,
@@ -124,12 +149,13 @@ async def validate(
 async def delete_credentials(
     user_id: str = UserId,
     provider: str = ProviderName,
+    of_key: str | None = OfKey,
     who: Caller = Depends(caller),
     svc: Services = Depends(services),
 ) -> OkResponse:
+    """Delete the stored credentials (audited)."""
     _require(who, "sessions")
-    await _owned(svc, who, user_id, provider)
-    await svc.credentials.delete(user_id, provider, who.key_id)
+    await svc.credentials.delete(user_id, provider, who.key_id, admin=_admin(who), of_key=of_key)
     return OkResponse(status="deleted")
 
 
@@ -137,13 +163,17 @@ async def delete_credentials(
 async def export_credentials(
     user_id: str = UserId,
     provider: str = ProviderName,
+    of_key: str | None = OfKey,
     who: Caller = Depends(caller),
     svc: Services = Depends(services),
 ) -> ExportView:
-    """The decrypted credential files, for keys with the ``export`` scope; every export is
+    """The decrypted credential files, for keys with the ``export`` scope, of a record this
+    key's sessions captured (any key's, if the key is also ``admin``); every export is
     written to the audit log."""
     _require(who, "export")
-    exported = await svc.credentials.export(user_id, provider, who.key_id)
+    exported = await svc.credentials.export(
+        user_id, provider, who.key_id, admin=_admin(who), of_key=of_key
+    )
     return ExportView(
         user_id=user_id,
         provider=provider,
