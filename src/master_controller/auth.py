@@ -2,17 +2,23 @@
 
 API keys are random 32-byte tokens shown once and stored as SHA-256 digests (they have full
 entropy, so a slow hash adds nothing). A viewer ticket is signed (HMAC, itsdangerous), bound
-to one session, and expires; the viewer page trades it for an HttpOnly cookie scoped to that
-session's viewer path.
+to one session, carries a random id (``jti``) and expires after ``ticket_ttl``; the viewer page
+trades it, once, for an HttpOnly cookie scoped to that session's viewer path. The ids of
+redeemed tickets are kept in the database until the tickets would have expired anyway, so a
+ticket copied from a log, a proxy or a browser history cannot be replayed, not even after a
+restart. Tickets are also redacted from every log line (:class:`TicketRedaction`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
 import secrets
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
@@ -34,6 +40,10 @@ class Unauthorized(MCError):
 
 class Forbidden(MCError):
     status = 403
+
+
+class TicketUsed(Unauthorized):
+    """A viewer ticket that was redeemed before: tickets open the viewer once."""
 
 
 @dataclass(frozen=True)
@@ -98,21 +108,40 @@ def load_secret(path: Path) -> bytes:
     return path.read_bytes()
 
 
+@dataclass(frozen=True)
+class TicketClaim:
+    """A ticket whose signature, age and session were checked; not yet redeemed."""
+
+    session_id: str
+    jti: str
+    expires_at: datetime
+
+
 class Tickets:
-    """Signed, expiring viewer tickets (in novncURL) and viewer cookies, per session."""
+    """Signed, expiring, single-use viewer tickets (in novncURL) and viewer cookies, per
+    session. Signing and checking only; redemption needs the database (:func:`redeem`)."""
 
     def __init__(self, secret: bytes) -> None:
         self._tickets = URLSafeTimedSerializer(secret, salt="mc-viewer-ticket")
         self._cookies = URLSafeTimedSerializer(secret, salt="mc-viewer-cookie")
 
     def ticket(self, session_id: str) -> str:
-        return self._tickets.dumps({"sid": session_id})
+        return self._tickets.dumps({"sid": session_id, "jti": secrets.token_urlsafe(16)})
 
     def cookie(self, session_id: str) -> str:
         return self._cookies.dumps({"sid": session_id})
 
-    def check_ticket(self, token: str, session_id: str, max_age: float) -> None:
-        _check(self._tickets, token, session_id, max_age, "viewer link")
+    def check_ticket(self, token: str, session_id: str, max_age: float) -> TicketClaim:
+        """The ticket's claim if it is genuine, younger than ``max_age`` and for this
+        session; Unauthorized / Forbidden otherwise. Does not redeem it."""
+        data, signed = _check(self._tickets, token, session_id, max_age, "viewer link")
+        jti = data.get("jti")
+        if not isinstance(jti, str) or not 16 <= len(jti) <= 64:
+            # signed by us but without an id (an older version): it cannot be made single-use
+            raise Unauthorized("the viewer link is not valid: get a new one")
+        # kept past the last second the signature accepts (whole seconds, inclusive), with a
+        # margin for the time between this check and the redemption
+        return TicketClaim(session_id, jti, signed + timedelta(seconds=int(max_age) + 60))
 
     def check_cookie(self, token: str | None, session_id: str, max_age: float) -> None:
         if not token:
@@ -120,14 +149,54 @@ class Tickets:
         _check(self._cookies, token, session_id, max_age, "viewer ticket")
 
 
+async def redeem(db: AsyncSession, claim: TicketClaim) -> None:
+    """Use the ticket up: the first call for a ticket returns, every later one (also from
+    another process sharing the database, also after a restart) raises TicketUsed."""
+    if not await repo.redeem_ticket(db, claim.jti, claim.expires_at):
+        raise TicketUsed(
+            "This viewer link was opened already, and a link opens the viewer only once. "
+            "Ask for a new link: a fresh one comes with every look at the session "
+            "(GET /api/auth/session/<id>)."
+        )
+
+
 def _check(
     serializer: URLSafeTimedSerializer, token: str, session_id: str, max_age: float, what: str
-) -> None:
+) -> tuple[dict[str, object], datetime]:
     try:
-        data = serializer.loads(token, max_age=int(max_age))
+        data, signed = serializer.loads(token, max_age=int(max_age), return_timestamp=True)
     except SignatureExpired as exc:
         raise Unauthorized(f"the {what} has expired") from exc
     except BadSignature as exc:
         raise Unauthorized(f"the {what} is not valid") from exc
     if not isinstance(data, dict) or data.get("sid") != session_id:
         raise Forbidden(f"the {what} belongs to another session")
+    return data, signed
+
+
+# ``ticket=<value>`` in a query string, also URL-encoded (``ticket%3D``) as inside another
+# URL; a value is URL-safe base64 and dots, so it ends at &, %, whitespace, a quote or #
+_TICKET = re.compile(r"(ticket(?:=|%3D))[^&%\s\"'#]+", re.IGNORECASE)
+REDACTED = "[redacted]"
+
+
+def redact_tickets(text: str) -> str:
+    return _TICKET.sub(r"\1" + REDACTED, text)
+
+
+class TicketRedaction(logging.Filter):
+    """Replaces ticket values in a record's message and arguments (uvicorn's access log
+    passes the request path, query included, as an argument). Never drops a record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact_tickets(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(_redacted(a) for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: _redacted(v) for k, v in record.args.items()}
+        return True
+
+
+def _redacted(value: object) -> object:
+    return redact_tickets(value) if isinstance(value, str) else value

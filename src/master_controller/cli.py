@@ -257,13 +257,19 @@ def serve(
     host: str | None = typer.Option(None, help="Listen address (default: setting `host`)."),
     port: int | None = typer.Option(None, help="Listen port (default: setting `port`)."),
 ) -> None:
-    """Run the controller. Builds, verifies and promotes the image first if none is current."""
+    """Run the controller. Builds, verifies and promotes the image first if none is current.
+
+    The whole process runs with umask 077 and a 0700 data dir (image builds keep their own
+    umask, see ImageBuilder.build), and viewer tickets are redacted from every log line."""
     import uvicorn
 
-    from master_controller.web.app import create_app
+    from master_controller.web.app import UMASK, create_app, log_config, protect_data_dir
 
+    os.umask(UMASK)
     overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     settings = get_settings().model_copy(update=overrides)
+    with reported():
+        protect_data_dir(settings.data_dir)
     if ImageStore(settings.images_dir).current() is None:
         err_console.print("no current image yet: building, verifying and promoting one first")
         image_ensure(recipe=None)
@@ -274,6 +280,7 @@ def serve(
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,
         log_level="info",
+        log_config=log_config(),
     )
 
 

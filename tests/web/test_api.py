@@ -319,3 +319,23 @@ def test_hibernate_and_resume_through_the_api(ctl: Controller) -> None:
     states = [e["name"] for e in session["events"] if e["kind"] == "state"]
     assert states[-4:] == ["hibernating", "hibernated", "resuming", "ready"]
     ctl.request("POST", f"/api/auth/session/{sid}/cancel")
+
+
+def test_a_viewer_link_opens_once_and_never_reaches_the_log(ctl: Controller) -> None:
+    """Someone who read novncURL (in the access log, say) after its owner opened it: the
+    link is spent, and the log never had the ticket anyway."""
+    body = ctl.request("POST", "/api/auth/start", json={"userId": "once", "provider": "codex"})
+    sid, link = body.json()["sessionId"], body.json()["novncURL"]
+    ticket = link.split("ticket=")[1]
+    first = httpx.get(link, trust_env=False, follow_redirects=False)
+    assert first.status_code == 303 and first.cookies["mc_viewer"]
+    replay = httpx.get(link, trust_env=False, follow_redirects=False)
+    assert replay.status_code == 401 and "mc_viewer" not in replay.cookies
+    assert "This viewer link was used already" in replay.text
+    fresh = ctl.request("GET", f"/api/auth/session/{sid}").json()["novncURL"]
+    assert httpx.get(fresh, trust_env=False, follow_redirects=False).status_code == 303
+    ctl.request("POST", f"/api/auth/session/{sid}/cancel")
+    assert ctl.log is not None
+    log = ctl.log.read_text()
+    assert f"/api/auth/session/{sid}/novnc?ticket=[redacted]" in log  # the requests are there
+    assert ticket not in log and fresh.split("ticket=")[1] not in log

@@ -222,7 +222,9 @@ def test_viewer_says_why_in_words_for_each_fault(
         extra = []
         for context in others:
             viewer = context.new_page()
-            viewer.goto(started["novncURL"])
+            # a link opens once: each viewer gets a fresh one, as each person would
+            fresh = ctl.request("GET", f"/api/auth/session/{session_id}").json()["novncURL"]
+            viewer.goto(fresh)
             extra.append(viewer)
         last = extra[-1]
         wait_for_state(last, ctl, "reconnecting", 30)

@@ -48,6 +48,7 @@ TOOLS_LAYER_VERSION = 1
 TOOLS_DEST = "/opt/mc-tools"
 EXT4_JOURNAL = 64 * 2**20  # mkfs.ext4 journal for disks of 1-128 GiB
 AGENT_DEST = "/usr/lib/mc/mc_agent"
+BUILD_UMASK = 0o022
 _USER = re.compile(r"^[a-z_][a-z0-9_-]{0,30}$")
 
 
@@ -70,9 +71,15 @@ class ImageBuilder:
         self.tmp_dir = settings.cache_dir / "tmp"
 
     def build(self, recipe: Recipe, refresh_base: bool = False) -> BuildResult:
-        """Build ``recipe`` into the store (or find the identical image already there)."""
+        """Build ``recipe`` into the store (or find the identical image already there).
+
+        Runs under umask 022 whatever the caller's (the controller's is 077): what mmdebstrap,
+        dpkg, npm and the configuration layer create gets the modes the image means it to
+        have, and since the base layer's digest covers modes, the image id does not depend
+        on who built it. The umask is per process: don't build while other threads of the
+        same process create files that must stay private."""
         started = time.monotonic()
-        with self._build_lock():
+        with _umask(BUILD_UMASK), self._build_lock():
             self._clear_staging()
             staging = Path(tempfile.mkdtemp(prefix="image-", dir=self.tmp_dir))
             try:
@@ -526,6 +533,15 @@ def replace_file(root: Path, dest: str, content: bytes, mode: int = 0o644) -> No
     with os.fdopen(fd, "wb") as fh:
         fh.write(content)
     os.chmod(path, mode)
+
+
+@contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

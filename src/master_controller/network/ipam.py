@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+from typing import BinaryIO
 
 from master_controller.errors import AddressPoolExhausted, NetworkError
 
@@ -53,8 +55,11 @@ class AddressAllocator:
 
     @contextmanager
     def _locked(self) -> Iterator[dict[str, int]]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.with_suffix(".lock").open("w") as lock:
+        # The lease file maps guest ids to addresses: the controller's alone (0600 in a
+        # 0700 folder, whatever the umask of whoever runs this).
+        if not self.path.parent.exists():
+            self.path.parent.mkdir(mode=0o700, parents=True)
+        with _private_file(self.path.with_suffix(".lock"), os.O_RDWR) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             leases: dict[str, int] = (
                 json.loads(self.path.read_text()) if self.path.is_file() else {}
@@ -63,7 +68,9 @@ class AddressAllocator:
             yield leases
             if leases != before:
                 tmp = self.path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(leases, indent=1, sort_keys=True))
+                tmp.unlink(missing_ok=True)
+                with _private_file(tmp, os.O_WRONLY | os.O_EXCL) as out:
+                    out.write(json.dumps(leases, indent=1, sort_keys=True).encode())
                 tmp.replace(self.path)
 
     def allocate(self, guest_id: str) -> Lease:
@@ -91,3 +98,9 @@ class AddressAllocator:
 
 def lease_dict(lease: Lease) -> dict[str, object]:
     return asdict(lease)
+
+
+def _private_file(path: Path, flags: int) -> BinaryIO:
+    """``path`` opened (created 0600 if missing) with ``flags``."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    return os.fdopen(fd, "wb" if flags & os.O_WRONLY else "r+b")

@@ -18,8 +18,11 @@ Contract for implementations:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -55,6 +58,44 @@ class ProbeResult:
     reason: str
     # usable, but only when asked for by name: `auto` prefers others (QEMU without KVM)
     fallback_only: bool = False
+
+
+class ProbeCache:
+    """A runtime's latest probe result, refreshed by a background task, so that nothing
+    answering a request ever runs a probe (one may boot a VM for up to 20 s, and even the
+    cheap ones run commands). The probe itself runs in a worker thread, one at a time."""
+
+    def __init__(self, runtime: type[Runtime], settings: Settings, interval: float) -> None:
+        self.runtime = runtime
+        self.settings = settings
+        self.interval = interval
+        self.result = ProbeResult(False, "not probed yet")
+        self.checked_at: float | None = None  # time.time() of the last finished probe
+        self._task: asyncio.Task[None] | None = None
+
+    async def refresh(self) -> ProbeResult:
+        try:
+            result = await asyncio.to_thread(self.runtime.probe, self.settings)
+        except Exception as exc:  # a probe that crashes says so; the next one may pass
+            result = ProbeResult(False, f"the probe failed: {exc}")
+        self.result, self.checked_at = result, time.time()
+        return result
+
+    def start(self) -> None:
+        """Refresh every ``interval`` seconds from now on (call :meth:`refresh` first to
+        have a result at once)."""
+        self._task = asyncio.create_task(self._run(), name=f"probe {self.runtime.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.refresh()
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 from alembic import command
@@ -48,8 +50,8 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         parsed = make_url(url)
-        if parsed.drivername.startswith("sqlite") and parsed.database:
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        if parsed.drivername.startswith("sqlite") and parsed.database not in (None, "", ":memory:"):
+            private_sqlite_file(Path(parsed.database))
         if parsed.drivername.startswith("sqlite"):
             # One connection: SQLite has one writer at a time anyway, and a busy event loop
             # (many guests starting on few cores) must queue for it, not fail with
@@ -71,6 +73,23 @@ class Database:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+def private_sqlite_file(path: Path) -> None:
+    """Make the SQLite file (and its -wal and -shm, if there) readable by its owner only,
+    whatever the umask: SQLite creates the -wal and -shm files with the database file's
+    mode, so creating that file 0600 first covers all three. An older, wider file we own is
+    narrowed."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-journal")):
+        try:
+            st = name.stat()
+        except FileNotFoundError:
+            continue
+        if stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.geteuid():
+            name.chmod(stat.S_IMODE(st.st_mode) & 0o700)
 
 
 def _sqlite_pragmas(dbapi_connection: object, record: object) -> None:

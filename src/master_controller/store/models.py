@@ -119,3 +119,13 @@ class AuditRow(Base):
     provider: Mapped[str] = mapped_column(String(32), default="")
     detail: Mapped[str] = mapped_column(Text, default="")
 
+
+class UsedTicketRow(Base):
+    """A viewer ticket that opened the viewer (tickets are single-use). Kept until the
+    ticket would have expired anyway, then pruned: an expired ticket is refused by its
+    signature's age already."""
+
+    __tablename__ = "used_tickets"
+
+    jti: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from master_controller.store.models import ApiKeyRow, EventRow, SessionRow, utcnow
+from master_controller.store.models import ApiKeyRow, EventRow, SessionRow, UsedTicketRow, utcnow
 
 
 async def add_session(db: AsyncSession, row: SessionRow) -> SessionRow:
@@ -79,3 +80,21 @@ async def api_key_by_name(db: AsyncSession, name: str) -> ApiKeyRow | None:
 
 async def list_api_keys(db: AsyncSession) -> list[ApiKeyRow]:
     return list((await db.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at))).all())
+
+
+async def redeem_ticket(db: AsyncSession, jti: str, expires_at: datetime) -> bool:
+    """Record the ticket ``jti`` as used; False if it was used before. The primary key makes
+    this atomic across connections and processes: of two redemptions racing, one wins.
+    Tickets past their expiry are forgotten on the way (their signature refuses them)."""
+    await db.execute(delete(UsedTicketRow).where(UsedTicketRow.expires_at < utcnow()))
+    db.add(UsedTicketRow(jti=jti, expires_at=expires_at))
+    try:
+        await db.commit()
+    except IntegrityError:
+        await db.rollback()
+        return False
+    return True
+
+
+async def used_tickets(db: AsyncSession) -> list[str]:
+    return list((await db.scalars(select(UsedTicketRow.jti))).all())

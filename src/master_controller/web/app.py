@@ -1,10 +1,18 @@
-"""The FastAPI application: wiring, error handling, health, metrics, static files."""
+"""The FastAPI application: wiring, error handling, health, metrics, static files; and
+what the controller process guarantees while it runs: umask 077 and a 0700 data dir (files
+holding secrets are born 0600), viewer tickets redacted from every log line, health answers
+from a probe cache (a probe never runs in a request)."""
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import logging
+import os
+import stat
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +25,13 @@ from sqlalchemy import text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from master_controller import __version__
-from master_controller.auth import Tickets, load_secret
+from master_controller.auth import TicketRedaction, Tickets, load_secret
 from master_controller.credentials import CredentialStore
-from master_controller.errors import MCError
+from master_controller.errors import ConfigError, MCError
 from master_controller.images.store import ImageStore
 from master_controller.network.egress import EgressProxy
 from master_controller.runtimes import best_runtime, get_runtime
-from master_controller.runtimes.base import Runtime
+from master_controller.runtimes.base import ProbeCache, Runtime
 from master_controller.sessions.manager import SessionManager
 from master_controller.sessions.states import ACTIVE, State
 from master_controller.settings import REPO_ROOT, Settings
@@ -38,6 +46,10 @@ from master_controller.web.ratelimit import RateLimiter
 
 STATIC = Path(__file__).parent / "static"
 NOVNC = REPO_ROOT / "node_modules" / "@novnc" / "novnc"
+UMASK = 0o077
+PROBE_INTERVAL = 60.0  # seconds between background runtime probes
+# loggers whose records may carry a request's path (and so a viewer ticket)
+REDACTED_LOGGERS = ("uvicorn", "uvicorn.access", "uvicorn.error", "master_controller")
 
 
 class BodyLimit:
@@ -86,36 +98,56 @@ class _TooLarge(Exception):
     pass
 
 
-def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
-    """The app. ``runtime`` defaults to the setting (``auto``: the best this host can run)."""
+def create_app(
+    settings: Settings, runtime: Runtime | None = None, probe_interval: float = PROBE_INTERVAL
+) -> FastAPI:
+    """The app. ``runtime`` defaults to the setting (``auto``: the best this host can run).
+    While it runs (its lifespan) the process umask is 077; the one before is restored."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = Database(settings.database)
-        await asyncio.to_thread(db.migrate)
-        chosen = runtime or (
-            best_runtime(settings)
-            if settings.runtime == "auto"
-            else get_runtime(settings.runtime, settings)
-        )
-        tickets = Tickets(load_secret(settings.secret_key_path))
-        viewers = ViewerRegistry()
-        credentials = CredentialStore(db, Vault.open(settings))
-        manager = SessionManager(settings, db, chosen, tickets, viewers, credentials)
-        limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
-        app.state.services = Services(
-            settings, db, chosen, tickets, viewers, manager, credentials, limiter
-        )
-        egress = EgressProxy(settings, manager.egress_policy)
-        await egress.start()
-        await manager.reconcile()
-        manager.start_background()
+        previous_umask = os.umask(UMASK)
         try:
-            yield
+            async with _services(app) as probes:
+                app.state.probes = probes
+                yield
         finally:
-            await manager.shutdown()
-            await egress.stop()
-            await db.close()
+            os.umask(previous_umask)
+
+    @asynccontextmanager
+    async def _services(app: FastAPI) -> AsyncIterator[ProbeCache]:
+        protect_data_dir(settings.data_dir)
+        redact_logs()
+        async with AsyncExitStack() as stack:
+            db = Database(settings.database)
+            stack.push_async_callback(db.close)
+            await asyncio.to_thread(db.migrate)
+            chosen = runtime or (
+                best_runtime(settings)
+                if settings.runtime == "auto"
+                else get_runtime(settings.runtime, settings)
+            )
+            probes = ProbeCache(type(chosen), settings, probe_interval)
+            await probes.refresh()  # before serving: health has an answer from the start
+            probes.start()
+            stack.push_async_callback(probes.stop)
+            tickets = Tickets(load_secret(settings.secret_key_path))
+            viewers = ViewerRegistry()
+            credentials = CredentialStore(db, Vault.open(settings))
+            egress = EgressProxy(settings)
+            manager = SessionManager(
+                settings, db, chosen, tickets, viewers, credentials, egress=egress
+            )
+            limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
+            app.state.services = Services(
+                settings, db, chosen, tickets, viewers, manager, credentials, limiter
+            )
+            await egress.start()
+            stack.push_async_callback(egress.stop)
+            stack.push_async_callback(manager.shutdown)
+            await manager.reconcile()
+            manager.start_background()
+            yield probes
 
     app = FastAPI(
         title="master-controller",
@@ -148,9 +180,13 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         return {"status": "ok", "version": __version__}
 
     @app.get("/api/health", tags=["health"])
-    async def api_health(svc: Services = Depends(services)) -> dict[str, Any]:
-        """Readiness: runtime, current image, database, capacity."""
-        probe = type(svc.runtime).probe(svc.settings)
+    async def api_health(request: Request, svc: Services = Depends(services)) -> dict[str, Any]:
+        """Readiness: runtime (its latest background probe), current image, database,
+        capacity. Never probes the runtime itself, so any number of callers cost no more
+        than a database query each."""
+        probes: ProbeCache = request.app.state.probes
+        probe = probes.result
+        checked = probes.checked_at
         try:
             async with svc.db.session() as db:
                 await db.execute(text("SELECT 1"))
@@ -163,7 +199,14 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         healthy = probe.usable and current is not None and database == "ok"
         return {
             "status": "ok" if healthy else "degraded",
-            "runtime": {"name": svc.runtime.name, "usable": probe.usable, "reason": probe.reason},
+            "runtime": {
+                "name": svc.runtime.name,
+                "usable": probe.usable,
+                "reason": probe.reason,
+                "checkedAt": None
+                if checked is None
+                else datetime.fromtimestamp(checked, UTC).isoformat(timespec="seconds"),
+            },
             "image": {"current": current},
             "database": database,
             "capacity": {
@@ -193,3 +236,73 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     if NOVNC.is_dir():
         app.mount("/static/novnc", StaticFiles(directory=NOVNC), name="novnc")
     return app
+
+
+# --- what the controller process guarantees ---------------------------------------------------
+
+# Folders that hold nothing secret: the content-addressed images (guests read them through
+# their own mounts) and the build cache.
+NOT_SECRET = ("images", "cache")
+# Folders a data dir must never be (nor any sticky folder like /tmp): tightening them would
+# break the host.
+SHARED_FOLDERS = {"/", "/var", "/var/lib", "/home", "/root", "/usr", "/etc", "/opt", "/srv"}
+
+
+def protect_data_dir(data_dir: Path) -> None:
+    """The data dir 0700 (created so if missing). Also narrows what an older version or a
+    wider umask left: the folders holding guests and leases, each guest's folder, and the
+    plain files in them lose every group and other permission. Guests' own file systems
+    (their disk layers inside their folders) are left as the guest made them: the 0700
+    folders around them are what keeps them private."""
+    resolved = data_dir.resolve()
+    if str(resolved) in SHARED_FOLDERS or (
+        resolved.exists() and resolved.stat().st_mode & stat.S_ISVTX
+    ):
+        raise ConfigError(f"data_dir {data_dir} is a shared folder: give the controller its own")
+    resolved.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _narrow(resolved)
+    for child in resolved.iterdir():
+        if child.name in NOT_SECRET or child.is_symlink():
+            continue
+        _narrow(child)
+        if child.is_dir():
+            for grandchild in child.iterdir():
+                if grandchild.is_symlink():
+                    continue
+                _narrow(grandchild)
+                if grandchild.is_dir() and child.name == "guests":
+                    for entry in grandchild.iterdir():
+                        if entry.is_file() and not entry.is_symlink():
+                            _narrow(entry)
+
+
+def _narrow(path: Path) -> None:
+    mode = stat.S_IMODE(path.lstat().st_mode)
+    if mode & 0o077:
+        path.chmod(mode & 0o700)
+
+
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging configuration, plus: ticket values redacted in every handler, and
+    the controller's own loggers (``master_controller.*``) at INFO on stderr."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["filters"] = {"redact_tickets": {"()": TicketRedaction}}
+    for handler in config["handlers"].values():
+        handler["filters"] = ["redact_tickets"]
+    config["loggers"]["master_controller"] = {
+        "handlers": ["default"],
+        "level": "INFO",
+        "propagate": False,
+    }
+    return config
+
+
+def redact_logs() -> None:
+    """Redact tickets from what the loggers that may see a request path log, and from every
+    handler they (and the root logger) write to, whoever configured them. Idempotent."""
+    loggers = [logging.getLogger(name) for name in REDACTED_LOGGERS]
+    for target in [*loggers, *(h for lg in [*loggers, logging.getLogger()] for h in lg.handlers)]:
+        if not any(isinstance(f, TicketRedaction) for f in target.filters):
+            target.addFilter(TicketRedaction())

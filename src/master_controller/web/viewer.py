@@ -1,7 +1,9 @@
 """The viewer: the page a person opens (novncURL), its status feed, and its WebSocket.
 
-These routes take a viewer ticket, not an API key: the ticket in novncURL is traded for an
-HttpOnly cookie scoped to the session's viewer path, then dropped from the address bar.
+These routes take a viewer ticket, not an API key: the ticket in novncURL is traded, once,
+for an HttpOnly cookie scoped to the session's viewer path, then dropped from the address bar.
+A second use of the same ticket is refused with a page saying so (unless the browser already
+holds this session's cookie: then it is simply the viewer again).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Depends, Request, WebSocket
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from master_controller.auth import Forbidden, Unauthorized
+from master_controller.auth import Forbidden, TicketUsed, Unauthorized, redeem
 from master_controller.errors import MCError, SessionNotFound
 from master_controller.sessions.manager import VIEWER_COOKIE
 from master_controller.sessions.states import TERMINAL, VIEWABLE, State
@@ -57,7 +59,14 @@ async def viewer_page(
         if State(row.state) in TERMINAL:
             return _refusal(410, "This sign-in session has ended", row.reason or row.state)
         if ticket is not None:
-            svc.tickets.check_ticket(ticket, session_id, svc.settings.ticket_ttl)
+            claim = svc.tickets.check_ticket(ticket, session_id, svc.settings.ticket_ttl)
+            try:
+                async with svc.db.session() as db:
+                    await redeem(db, claim)
+            except TicketUsed:
+                if _has_cookie(svc, request, session_id):  # the same browser, again
+                    return RedirectResponse(_viewer_path(session_id), status_code=303)
+                raise
             response = RedirectResponse(_viewer_path(session_id), status_code=303)
             response.set_cookie(
                 VIEWER_COOKIE,
@@ -74,9 +83,21 @@ async def viewer_page(
         )
     except SessionNotFound:
         return _refusal(404, "No such sign-in session", "Check the link you were given.")
+    except TicketUsed as exc:
+        return _refusal(exc.status, "This viewer link was used already", exc.reason)
     except (Unauthorized, Forbidden) as exc:
         return _refusal(exc.status, "This viewer link cannot be used", exc.reason)
     return HTMLResponse((STATIC / "viewer.html").read_text(), headers={"Cache-Control": "no-store"})
+
+
+def _has_cookie(svc: Services, request: Request, session_id: str) -> bool:
+    try:
+        svc.tickets.check_cookie(
+            request.cookies.get(VIEWER_COOKIE), session_id, svc.settings.max_lifetime
+        )
+    except (Unauthorized, Forbidden):
+        return False
+    return True
 
 
 @router.get("/status", response_model=ViewerStatus, include_in_schema=False)
