@@ -3,7 +3,7 @@ a folder per guest, an address lease, a network namespace, one VMM/container pro
 
 from __future__ import annotations
 
-import shutil
+import asyncio
 from abc import abstractmethod
 from collections.abc import Sequence
 from contextlib import AsyncExitStack, ExitStack
@@ -23,6 +23,7 @@ from master_controller.network.ipam import AddressAllocator
 from master_controller.network.netns import GuestLink
 from master_controller.process import ProcessRef, reap
 from master_controller.runtimes.base import GuestSecrets, GuestState, GuestStatus, Runtime
+from master_controller.runtimes.guest_folder import remove_guest_folder
 from master_controller.settings import Settings
 from master_controller.steps import StepLog
 from mc_agent.config import GuestConfig
@@ -58,7 +59,7 @@ class HostedRuntime(Runtime):
         with ExitStack() as undo:
             with steps.step("allocate"):
                 folder.mkdir(parents=True)
-                undo.callback(shutil.rmtree, folder, True)
+                undo.callback(remove_guest_folder, folder)
                 lease = self.addresses.allocate(guest_id)
                 undo.callback(self.addresses.release, guest_id)
             own_network = self.guest_configures_network
@@ -101,7 +102,7 @@ class HostedRuntime(Runtime):
         await self._shutdown(guest, graceful=False)
         reap()
         self.addresses.release(guest.guest_id)
-        shutil.rmtree(self.guest_dir(guest.guest_id), ignore_errors=True)
+        await asyncio.to_thread(remove_guest_folder, self.guest_dir(guest.guest_id))
         guest.status = GuestStatus.DESTROYED
 
     def check_startable(self, guest: GuestState) -> None:
