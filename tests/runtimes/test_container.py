@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import secrets
 import subprocess
@@ -21,23 +22,29 @@ from master_controller.readiness import (
     rfb_over_websocket,
     websocket_upgrade,
 )
-from master_controller.runtimes import cgroups
+from master_controller.runtimes import cgroups, disklayer, idmap
 from master_controller.runtimes.base import GuestSecrets, GuestStatus
-from master_controller.runtimes.container import ContainerRuntime
+from master_controller.runtimes.container import ContainerRuntime, image_view
 from tests.runtimes.leaks import HostSnapshot, wait_until_back
 
 pytestmark = pytest.mark.integration
 
 
-def processes_in(pid_namespaces: set[str]) -> list[int]:
+def processes_in(pid_namespaces: set[str], guest_ids: set[str] | None = None) -> list[int]:
+    """Processes in those PID namespaces. The kernel reuses a namespace's number once it is
+    gone (another guest's Chromium sandbox may get it), so with ``guest_ids`` only those also
+    in one of these guests' cgroups count."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if os.readlink(entry / "ns/pid") in pid_namespaces:
-                    found.append(int(entry.name))
+                if os.readlink(entry / "ns/pid") not in pid_namespaces:
+                    continue
+                cgroup = (entry / "cgroup").read_text()
             except OSError:
                 continue
+            if guest_ids is None or any(f"/{cgroups.PARENT}/{g}/" in cgroup for g in guest_ids):
+                found.append(int(entry.name))
     return found
 
 
@@ -95,7 +102,7 @@ async def test_hibernate_keeps_disk_and_address(
     marker.write_text("kept")
     await runtime.hibernate(guest)
     assert runtime.status(guest) == GuestStatus.HIBERNATED
-    assert not marker.exists()  # disk layer unmounted, kept in upper/
+    assert not marker.exists()  # disk layer unmounted, kept in its image (disk.ext4)
     await runtime.resume(guest)
     await poll(lambda: websocket_upgrade(address or "", 6080), time.monotonic() + 60)
     assert guest.address == address and marker.read_text() == "kept"
@@ -245,6 +252,8 @@ async def test_failed_start_releases_what_it_made(
     after_failure = HostSnapshot.take(runtime.settings)
     assert after_failure.namespaces == before.namespaces and after_failure.links == before.links
     assert after_failure.mounts == before.mounts
+    image = runtime.guest_dir(guest.guest_id) / disklayer.IMAGE
+    assert image.exists() and not disklayer.loop_devices(image)  # made, mounted, let go
     await runtime.destroy(guest)
     assert HostSnapshot.take(runtime.settings) == before
 
@@ -252,19 +261,20 @@ async def test_failed_start_releases_what_it_made(
 async def test_churn_leaves_nothing(golden_image: str, container_runtime: ContainerRuntime) -> None:
     runtime = container_runtime
     before = HostSnapshot.take(runtime.settings)
-    namespaces = []
+    namespaces, guest_ids = set(), set()
     for round_ in range(20):
         guest = await runtime.create(
             f"churn{round_}-{secrets.token_hex(3)}", golden_image, _secrets()
         )
         await runtime.start(guest)
-        namespaces.append(guest.resources["pid_namespace"])
+        namespaces.add(guest.resources["pid_namespace"])
+        guest_ids.add(guest.guest_id)
         if round_ % 2:  # half of them get as far as a working viewer path
             address = runtime.endpoint(guest).address
             await poll(lambda a=address: websocket_upgrade(a, 6080), time.monotonic() + 60)
         await runtime.destroy(guest)
     assert HostSnapshot.take(runtime.settings) == before
-    assert not processes_in(set(namespaces))  # not a single guest process survived
+    assert not processes_in(namespaces, guest_ids)  # not a single guest process survived
 
 
 async def test_a_start_cancelled_part_way_leaves_nothing(
@@ -283,5 +293,33 @@ async def test_a_start_cancelled_part_way_leaves_nothing(
         with contextlib.suppress(asyncio.CancelledError, GuestStartFailed):
             await start
         await runtime.destroy(runtime.load(guest.guest_id))
+        assert not disklayer.loop_devices(runtime.guest_dir(guest.guest_id) / disklayer.IMAGE)
         # (a killed process may take a moment to be reaped by the host's init)
         wait_until_back(runtime.settings, before, seconds=5)
+
+
+def test_the_image_cannot_be_changed_through_a_guest_folder(tmp_path: Path) -> None:
+    """While a start mounts the image's ID-mapped view in the guest's folder (the overlay's
+    lower layer), that view is read-only: a destroy racing the start once removed the guest's
+    folder through it and emptied the shared image. After, the view is gone from the tree at
+    once, even while something still holds it."""
+    image, lower = tmp_path / "image", tmp_path / "lower"
+    (image / "etc").mkdir(parents=True)
+    (image / "etc" / "os-release").write_text("ID=debian\n")
+    lower.mkdir()
+    base = idmap.base_for(4002)
+    with image_view(image, lower, base):
+        assert (lower / "etc" / "os-release").stat().st_uid == base  # ID-mapped
+        with pytest.raises(OSError) as refused:
+            (lower / "etc" / "written-through-the-view").write_text("x")
+        assert refused.value.errno == errno.EROFS
+        with pytest.raises(OSError) as refused:
+            (lower / "etc" / "os-release").unlink()
+        assert refused.value.errno == errno.EROFS
+        holder = os.open(lower / "etc", os.O_RDONLY)
+    try:
+        mounts = Path("/proc/self/mounts").read_text().split()
+        assert str(lower) not in mounts and not (lower / "etc").exists()
+    finally:
+        os.close(holder)
+    assert sorted(p.name for p in (image / "etc").iterdir()) == ["os-release"]

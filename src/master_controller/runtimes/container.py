@@ -1,8 +1,10 @@
 """The container runtime: ``systemd-nspawn --boot`` of the image's rootfs.
 
-Per guest: an overlayfs (the image's rootfs as read-only lower layer, an upper layer in the
-guest's folder), a network namespace with a veth pair (:mod:`master_controller.network`),
-and the per-guest configuration bind-mounted read-only at ``/mnt/mc-config``.
+Per guest: an overlayfs (the image's rootfs as read-only lower layer, an upper layer on the
+guest's own size-limited file system, :mod:`~master_controller.runtimes.disklayer`), a
+network namespace with a veth pair (:mod:`master_controller.network`), a cgroup with memory,
+pids and CPU limits (:mod:`~master_controller.runtimes.cgroups`), and the per-guest
+configuration bind-mounted read-only at ``/mnt/mc-config``.
 
 Hibernating a container keeps its disk layer and address, not its memory: resume boots it
 again from the same disk layer.
@@ -15,7 +17,8 @@ import contextlib
 import os
 import shutil
 import signal
-from contextlib import AsyncExitStack
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +34,13 @@ from master_controller.network import netns
 from master_controller.network.netns import GuestLink
 from master_controller.proc import run
 from master_controller.process import ProcessRef, spawn
-from master_controller.runtimes import cgroups, idmap
+from master_controller.runtimes import cgroups, disklayer, idmap
 from master_controller.runtimes.base import (
     GuestState,
     GuestStatus,
     ProbeResult,
 )
+from master_controller.runtimes.disklayer import DiskLayer
 from master_controller.runtimes.hosted import HostedRuntime
 from master_controller.settings import Settings
 from master_controller.steps import StepLog
@@ -48,15 +52,33 @@ class ContainerRuntime(HostedRuntime):
 
     @classmethod
     def probe(cls, settings: Settings) -> ProbeResult:
-        tools = ("systemd-nspawn", "mount", "umount", "nft", "nsenter", "unshare")
+        tools = (
+            "systemd-nspawn",
+            "mount",
+            "umount",
+            "nft",
+            "nsenter",
+            "unshare",
+            "mkfs.ext4",
+            "losetup",
+        )
         if missing := [t for t in tools if shutil.which(t) is None]:
             return ProbeResult(False, f"not installed: {', '.join(missing)} (run scripts/setup.sh)")
-        if "overlay" not in Path("/proc/filesystems").read_text():
-            return ProbeResult(False, "the kernel has no overlayfs")
+        filesystems = Path("/proc/filesystems").read_text()
+        if "overlay" not in filesystems or "ext4" not in filesystems:
+            return ProbeResult(False, "the kernel has no overlayfs or no ext4")
+        if not Path("/dev/loop-control").exists():
+            return ProbeResult(False, "no loop devices (/dev/loop-control) for the disk layer")
         if not Path("/proc/self/ns/net").exists() or not Path("/proc/self/ns/user").exists():
             return ProbeResult(False, "the kernel has no network or user namespaces")
+        if lacking := cgroups.missing_controllers():
+            return ProbeResult(
+                False, f"no {', '.join(lacking)} cgroup controller: guests could not be limited"
+            )
         return ProbeResult(
-            True, "systemd-nspawn, overlayfs, network and user namespaces are available"
+            True,
+            "systemd-nspawn, overlayfs, loop-mounted ext4, network and user namespaces, "
+            "memory/pids/cpu cgroup controllers are available",
         )
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -64,11 +86,12 @@ class ContainerRuntime(HostedRuntime):
     def prepare(
         self, folder: Path, image: ImageInfo, config: GuestConfig, steps: StepLog
     ) -> dict[str, Any]:
-        for sub in ("upper", "work", "rootfs", "config"):
+        for sub in ("rootfs", "config"):
             (folder / sub).mkdir()
         (folder / "config" / CONFIG_NAME).write_text(config.to_json())
         (folder / "config" / CONFIG_NAME).chmod(0o600)
-        return {"lower": str(image.rootfs)}
+        # the disk layer keeps the size it was made with, whatever the setting says later
+        return {"lower": str(image.rootfs), "disk_mib": self.settings.guest_disk_mib}
 
     async def start(self, guest: GuestState, steps: StepLog | None = None) -> None:
         self.check_startable(guest)
@@ -81,12 +104,14 @@ class ContainerRuntime(HostedRuntime):
                     link = await self.network_up(guest, undo)
                 step = "disk layer"
                 with steps.step(step):
-                    self._mount_overlay(guest, folder)
+                    layer = undo.enter_context(self._disk_layer(guest, folder))
+                    self._mount_overlay(guest, folder, layer)
                     undo.callback(self._unmount_overlay, folder)
                 step = "boot"
                 with steps.step(step):
                     (folder / "console.log").unlink(missing_ok=True)
-                    guest.resources["cgroups"] = cgroups.create(guest.guest_id)
+                    limits = cgroups.Limits.from_settings(self.settings)
+                    guest.resources["cgroups"] = cgroups.create(guest.guest_id, limits)
                     undo.push_async_callback(self._remove_cgroups, guest)
                     self.save(guest)  # recorded before anything can run in them
                     argv = cgroups.enter(
@@ -147,7 +172,18 @@ class ContainerRuntime(HostedRuntime):
             "--timezone=off",
         ]
 
-    def _mount_overlay(self, guest: GuestState, folder: Path) -> None:
+    def _disk_layer(self, guest: GuestState, folder: Path) -> DiskLayer:
+        """The guest's writable layer, on its own file system of ``guest_disk_mib``."""
+        if (folder / "upper").is_dir():
+            # made before disk layers had a size: it could fill the data dir
+            raise GuestStartFailed(
+                "disk layer", "this guest's disk layer has no size limit; destroy the guest"
+            )
+        base = idmap.base_for(int(guest.resources["lease"]))
+        size = int(guest.resources.get("disk_mib", self.settings.guest_disk_mib))
+        return DiskLayer(folder, size, owner=base)
+
+    def _mount_overlay(self, guest: GuestState, folder: Path, layer: DiskLayer) -> None:
         """The guest's root: the image's rootfs, ID-mapped into the guest's UID range, under
         the guest's own upper layer (owned by that range; it keeps what the guest writes)."""
         image_root = Path(guest.resources["lower"])
@@ -156,17 +192,15 @@ class ContainerRuntime(HostedRuntime):
                 raise GuestStartFailed("disk layer", f"path {path} cannot be used by overlayfs")
         base = idmap.base_for(int(guest.resources["lease"]))
         guest.resources["uid_base"] = base
-        for owned in (folder / "upper", folder / "config", folder / "config" / CONFIG_NAME):
+        for owned in (folder / "config", folder / "config" / CONFIG_NAME):
             os.chown(owned, base, base)
         lower = folder / "lower"
         lower.mkdir(exist_ok=True)
-        options = f"lowerdir={lower},upperdir={folder / 'upper'},workdir={folder / 'work'}"
+        options = f"lowerdir={lower},upperdir={layer.upper},workdir={layer.work}"
         try:
-            idmap.mount_idmapped(image_root, lower, base)
-            try:
+            # overlayfs holds its own private copy of its layers' mounts: the view goes after
+            with image_view(image_root, lower, base):
                 run(["mount", "-t", "overlay", "overlay", "-o", options, folder / "rootfs"])
-            finally:  # overlayfs holds its own private copy of its layers' mounts
-                run(["umount", lower])
         except (CommandError, OSError) as exc:
             reason = exc.reason if isinstance(exc, CommandError) else str(exc)
             raise GuestStartFailed("disk layer", reason) from exc
@@ -230,13 +264,32 @@ class ContainerRuntime(HostedRuntime):
         folder = self.guest_dir(guest.guest_id)
         with contextlib.suppress(CommandError):
             self._unmount_overlay(folder)
-        if _is_mountpoint(folder / "rootfs"):
-            run(["umount", "--lazy", folder / "rootfs"])
+        for target in (folder / "rootfs", folder / "lower"):  # "lower": a start cut short
+            if _is_mountpoint(target):
+                run(["umount", "--lazy", target])
+        disklayer.unmount(folder)  # the image file stays: it is the guest's disk
         try:
             await netns.aremove(self.link(guest))
         except NetworkError:
             await asyncio.sleep(0.2)  # the namespace may be held a moment by exiting processes
             await netns.aremove(self.link(guest))
+
+
+@contextmanager
+def image_view(image_root: Path, target: Path, uid_base: int) -> Iterator[Path]:
+    """The image's rootfs at ``target`` while the block runs: ID-mapped to ``uid_base`` and
+    read-only, so that nothing reaches the shared image through a guest's folder (a removal
+    of the folder that ran into this mount would otherwise empty the image). Detached after,
+    lazily if something holds it."""
+    idmap.mount_idmapped(image_root, target, uid_base)
+    try:
+        run(["mount", "-o", "remount,bind,ro", target])
+        yield target
+    finally:
+        try:
+            run(["umount", target])
+        except CommandError:
+            run(["umount", "--lazy", target])
 
 
 def _pid_namespace(pid: int) -> str | None:
