@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import Any
 
 DISPLAY = ":1"
+# window titles come from web pages (any site the viewer opens): bounded like all the
+# agent says
+MAX_WINDOWS = 64
+MAX_TITLE = 256
+MAX_CLASS = 64
 
 # unit -> Debian package whose version is reported
 SERVICES: dict[str, str] = {
@@ -53,15 +58,15 @@ def windows(display: str = DISPLAY) -> list[dict[str, str]]:
     env = {**os.environ, "DISPLAY": display}
     listing = _run(["xprop", "-root", "_NET_CLIENT_LIST"], env=env)
     result = []
-    for wid in re.findall(r"0x[0-9a-f]+", listing):
+    for wid in re.findall(r"0x[0-9a-f]+", listing)[:MAX_WINDOWS]:
         props = _run(["xprop", "-id", wid, "WM_CLASS", "_NET_WM_NAME"], env=env)
         wm_class = re.search(r'WM_CLASS\(STRING\) = "([^"]*)", "([^"]*)"', props)
         title = re.search(r'_NET_WM_NAME\(UTF8_STRING\) = "(.*)"', props)
         result.append(
             {
                 "id": wid,
-                "class": wm_class.group(2) if wm_class else "",
-                "title": title.group(1) if title else "",
+                "class": wm_class.group(2)[:MAX_CLASS] if wm_class else "",
+                "title": title.group(1)[:MAX_TITLE] if title else "",
             }
         )
     return result

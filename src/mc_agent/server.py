@@ -7,8 +7,19 @@ Every route needs the guest's token as a bearer token:
 - ``POST /login`` ``{"provider", "options"}``: start a provider's login in a terminal on :1
 - ``GET /login``: its state, the captured auth URL, prompts answered, credential status
 - ``GET /credentials/status``: whether valid credentials are there (and why not)
-- ``POST /credentials/fetch``: the credential files, once (then 410)
+- ``POST /credentials/fetch``: the credential files, once (then 410); only the provider's
+  own files (names from its list), each at most ``MAX_CREDENTIAL_BYTES``
+- ``POST /credentials/wipe``: end the login (tmux, the CLI, the xterm: every process of the
+  browser user the agent started), remove everything in the browser user's home (the
+  credential files, the CLIs' state, the Chromium profile and caches) and in
+  ``/run/mc/login``, and restart Chromium on a fresh profile. The controller calls it right
+  after it has the credentials. Idempotent; answers ``{"provider", "processes_killed",
+  "credential_files_removed", "removed", "removed_count", "chromium"}`` (see
+  :func:`mc_agent.wipe.wipe`)
 - ``GET /events?after=N``: a server-sent event stream of what happened
+
+Answers are bounded (URL lists, reasons, window titles): the controller checks them again,
+but the agent never sends more than its own limits.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ from __future__ import annotations
 import hmac
 import json
 import subprocess
+import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,10 +36,13 @@ from urllib.parse import parse_qs, urlsplit
 
 from mc_agent import AGENT_PORT, browser, health, providers
 from mc_agent.events import EventLog
-from mc_agent.login import Login
+from mc_agent.login import Account, Login
+from mc_agent.userdir import UnsafePath
+from mc_agent.wipe import wipe
 
 TOKEN_FILE = Path("/run/mc/agent-token")
 MAX_BODY = 16 * 1024
+MAX_ERROR = 300
 STREAM_SECONDS = 300.0
 
 
@@ -37,14 +52,36 @@ class Agent:
     def __init__(self) -> None:
         self.events = EventLog()
         self.login: Login | None = None
+        # a login starting and a wipe must not interleave (the wipe would miss its processes)
+        self._changing = threading.Lock()
 
     def start_login(self, provider: str, options: dict[str, str]) -> Login:
-        login = Login(providers.get(provider), options, self.events)
-        if self.login is not None:
-            self.login.stop()
-        self.login = login
-        login.start()
-        return login
+        with self._changing:
+            login = Login(providers.get(provider), options, self.events)
+            if self.login is not None:
+                self.login.stop()
+            self.login = login
+            try:
+                login.start()
+            except Exception:
+                login.state = "failed"
+                raise
+            return login
+
+    def wipe(self) -> dict[str, Any]:
+        with self._changing:
+            login = self.login
+            account = login.account if login is not None else Account.of()
+            result = wipe(login, account)
+        self.events.add(
+            "credentials wiped",
+            {
+                "credential_files": result["credential_files_removed"],
+                "removed_count": result["removed_count"],
+                "chromium": result["chromium"],
+            },
+        )
+        return result
 
 
 class AgentHandler(BaseHTTPRequestHandler):
@@ -103,17 +140,20 @@ class AgentHandler(BaseHTTPRequestHandler):
                     self._send(HTTPStatus.GONE, {"error": "the credentials were fetched already"})
                 else:
                     self._send(HTTPStatus.OK, fetched)
+            elif path == "/credentials/wipe":
+                self._send(HTTPStatus.OK, self.agent.wipe())
             else:
-                self._send(HTTPStatus.NOT_FOUND, {"error": f"no route {path}"})
+                self._send(HTTPStatus.NOT_FOUND, {"error": f"no route {path[:100]}"})
         except providers.ProviderError as exc:
             self._send(
                 HTTPStatus.CONFLICT if path == "/credentials/fetch" else HTTPStatus.BAD_REQUEST,
-                {"error": str(exc)},
+                {"error": str(exc)[:MAX_ERROR]},
             )
         except (ValueError, json.JSONDecodeError) as exc:
-            self._send(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
-        except (OSError, subprocess.SubprocessError) as exc:
-            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{path} failed: {exc}"})
+            self._send(HTTPStatus.BAD_REQUEST, {"error": str(exc)[:MAX_ERROR]})
+        except (OSError, subprocess.SubprocessError, UnsafePath) as exc:
+            error = f"{path} failed: {exc}"[:MAX_ERROR]
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": error})
 
     def _login(self) -> Login | None:
         if self.agent.login is None:
@@ -137,7 +177,7 @@ class AgentHandler(BaseHTTPRequestHandler):
             after = parse_qs(parts.query).get("after", ["0"])[0]
             self._stream(int(after) if after.isdigit() else 0)
         else:
-            self._send(HTTPStatus.NOT_FOUND, {"error": f"no route {parts.path}"})
+            self._send(HTTPStatus.NOT_FOUND, {"error": f"no route {parts.path[:100]}"})
 
     def _stream(self, seq: int) -> None:
         """Server-sent events, from ``seq`` on, until the client goes or time is up."""

@@ -20,7 +20,12 @@ from typing import Any, TypeVar
 
 from master_controller.digests import file_digest, json_digest
 from master_controller.errors import CommandError, ProbeError, VerificationFailed
-from master_controller.images.contract import BROWSER_UNITS, REQUIRED_PACKAGES, UnitContract
+from master_controller.images.contract import (
+    BROWSER_UNITS,
+    REQUIRED_PACKAGES,
+    UnitContract,
+    hardening_problems,
+)
 from master_controller.images.store import ImageInfo, ImageStore
 from master_controller.images.units import exec_start, is_enabled, parse_unit, unit_path
 from master_controller.proc import run
@@ -170,12 +175,18 @@ class Verifier:
                 raise VerificationFailed(f"localhost resolves to {out.strip()!r}")
             record.detail = out.split()[0]
 
+        def hardening_check(record: StepRecord) -> None:
+            if problems := hardening_problems(rootfs):
+                raise VerificationFailed("; ".join(problems))
+            record.detail = "chromium policy, login terminal, window manager"
+
         self._check("manifest", manifest_check)
         self._check("packages", packages_check)
         self._check("recipe units", recipe_units_check)
         for contract in BROWSER_UNITS:
             self._check(f"unit {contract.name}", partial(_unit_check, rootfs, contract))
         self._check("localhost resolves", localhost_check)
+        self._check("guest hardening", hardening_check)
         self._check("kernel, initrd and disk", boot_files_check)
         self._check("agent", agent_check)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_CREDENTIAL_BYTES = 256 * 1024
+MAX_REASON = 300  # characters of a status's reason (validators quote the files' errors)
 
 
 class ProviderError(ValueError):
@@ -42,7 +43,7 @@ class CredentialStatus:
     def as_dict(self) -> dict[str, Any]:
         return {
             "valid": self.valid,
-            "reason": self.reason,
+            "reason": self.reason[:MAX_REASON],
             "expires_at": self.expires_at,
             "fields": list(self.fields),
         }
@@ -62,6 +63,14 @@ class Provider:
     open_terminal_urls: bool = False
     # terminal URLs that are not the sign-in (documentation links in the TUI, say)
     ignored_urls: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # the agent reads and hands out exactly these names, relative to the user's home:
+        # each must stay inside it, so no absolute path, no "." or ".." component
+        for relative in self.credential_files:
+            parts = relative.split("/")
+            if relative.startswith("/") or any(p in ("", ".", "..") for p in parts):
+                raise ValueError(f"{self.name}: credential file {relative!r} is not plain")
 
     def login_argv(self, options: dict[str, str]) -> list[str]:
         raise NotImplementedError
