@@ -90,8 +90,11 @@ class Settings(BaseSettings):
     )
     egress_hosts: dict[str, str] = Field(
         default_factory=dict,
-        description="Host name -> address the egress proxy connects to instead of resolving "
-        "it (split-horizon names, or a local identity provider).",
+        description="Host name, or \"name:port\" -> IP address the egress proxy connects to "
+        "instead of resolving the name. Loopback, private, link-local, CGNAT, multicast, "
+        "reserved and this host's own addresses are refused unless that exact name and port "
+        "is mapped here; a key without a port counts as port 443 (a local identity provider "
+        "on 8443 needs \"idp.test:8443\").",
     )
     vault_key_file: Path | None = Field(
         None, description="The vault's key file (default <data_dir>/vault.keys, made 0600)."
@@ -103,7 +106,11 @@ class Settings(BaseSettings):
         True, description="Start the provider's login in the guest as soon as it is ready."
     )
     after_capture: Literal["hibernate", "destroy"] = Field(
-        "hibernate", description="What happens to a guest once its credentials are stored."
+        "destroy",
+        description="What happens to a guest once its credentials are stored: destroyed, or "
+        "hibernated after its agent wiped the credential files and the provider's browser "
+        "session (a VM's memory snapshot may still hold freed pages of them until it expires "
+        "after hibernated_ttl).",
     )
     oauth2_authorize_url: str | None = Field(
         None, description="The oauth2 provider's authorization endpoint."
@@ -122,7 +129,9 @@ class Settings(BaseSettings):
     )
     max_lifetime: float = Field(1800.0, description="Seconds a session may live at most.")
     ticket_ttl: float = Field(
-        900.0, description="Seconds a viewer link (novncURL) can be opened after it was issued."
+        300.0,
+        description="Seconds a viewer link (novncURL) can be opened after it was issued; it "
+        "can be opened once (a fresh link comes with every GET of the session).",
     )
     allowed_origins: list[str] = Field(
         default_factory=list,
@@ -133,6 +142,46 @@ class Settings(BaseSettings):
         None, description="Key signing viewer tickets; default <data_dir>/secret.key (0600)."
     )
     max_body_bytes: int = Field(64 * 1024, description="Largest request body the API accepts.")
+    # --- limits that keep one key, user or guest from taking the host --------------------
+    hibernated_ttl: float = Field(
+        86400.0,
+        ge=1,
+        description="Seconds a hibernated (or captured-and-kept) guest is kept before it is "
+        "destroyed and its snapshot removed.",
+    )
+    max_sessions_per_key: int = Field(
+        20, ge=1, description="Live plus hibernated sessions one API key may hold at once."
+    )
+    max_sessions_per_user: int = Field(
+        3, ge=1, description="Live plus hibernated sessions one userId may hold at once."
+    )
+    guest_memory_mib: int = Field(
+        1536, ge=256, description="Memory limit of a container guest (MiB, cgroup)."
+    )
+    guest_pids_max: int = Field(
+        2048, ge=64, description="Tasks (processes and threads) a container guest may have."
+    )
+    guest_cpus: float = Field(
+        1.0, gt=0, description="CPU time a container guest may use, in CPUs (cgroup quota)."
+    )
+    guest_disk_mib: int = Field(
+        2048,
+        ge=256,
+        description="Size of a container guest's writable disk layer (MiB); a guest that "
+        "fills it fills only its own layer, never the data dir.",
+    )
+    egress_max_connections: int = Field(
+        32, ge=1, description="Egress proxy connections one guest may hold open at once."
+    )
+    egress_idle_timeout: float = Field(
+        120.0, gt=0, description="Seconds an egress tunnel may stay silent before it is closed."
+    )
+    qemu_user_base: int = Field(
+        0,
+        ge=0,
+        description="QEMU runs as an unprivileged host UID per guest (this base plus the "
+        "guest's lease); 0: the same per-guest UID range as container guests.",
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -2,8 +2,8 @@
 form) on the host, reachable from the guest only through the controller's egress proxy; a
 session with the ``oauth2`` provider; Playwright typing the username and password into the
 guest's Chromium through the noVNC viewer and approving; the guest-side client exchanging
-the code; the agent validating the token file; the controller storing it encrypted and
-hibernating the guest."""
+the code; the agent validating the token file; the controller storing it encrypted, wiping
+it out of the guest and hibernating the guest."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def ctl(
         oauth2_token_url=f"http://{IDP_HOST}:{port}/token",
         oauth2_client_id=CLIENT_ID,
         oauth2_scope="profile",
-        egress_hosts=json.dumps({IDP_HOST: "127.0.0.1"}),
+        egress_hosts=json.dumps({f"{IDP_HOST}:{port}": "127.0.0.1"}),
         vault_key_file=str(tmp_path / "vault.keys"),
     ) as running:
         yield running
@@ -145,16 +145,34 @@ def test_sign_in_through_the_viewer_stores_the_token_encrypted(
     # export needs the export scope, and is audited
     refused = ctl.request("POST", "/api/auth/credentials/alice/oauth2/export")
     assert refused.status_code == 403
+    # ...and ownership: another key with only `export` does not find them; admin+export does
     exporter = ctl.cli("apikey", "create", "exporter", "--scope", "export")
     assert exporter.returncode == 0, exporter.stderr
     ctl.keys["exporter"] = exporter.stdout.strip()
-    exported = ctl.request("POST", "/api/auth/credentials/alice/oauth2/export", key="exporter")
+    stranger = ctl.request("POST", "/api/auth/credentials/alice/oauth2/export", key="exporter")
+    assert stranger.status_code == 404, stranger.text
+    auditor = ctl.cli("apikey", "create", "auditor", "--scope", "admin", "--scope", "export")
+    assert auditor.returncode == 0, auditor.stderr
+    ctl.keys["auditor"] = auditor.stdout.strip()
+    exported = ctl.request("POST", "/api/auth/credentials/alice/oauth2/export", key="auditor")
     assert exported.status_code == 200, exported.text
     files = exported.json()["files"]
     assert json.loads(files[".config/mc-oauth2/token.json"])["access_token"] == token
     with sqlite3.connect(tmp_path / "mc.db") as db:
         actions = [r[0] for r in db.execute("SELECT action FROM audit")]
     assert actions == ["export"]
+
+    # the kept guest holds no credentials: before it was hibernated its agent killed the
+    # login, emptied the home (token file, browser profile with the IdP's session)
+    resumed = ctl.request("POST", f"/api/auth/session/{session_id}/resume")
+    assert resumed.status_code == 200, resumed.text
+    body = ctl.wait_for(session_id, {"ready", "failed"}, timeout=90)
+    assert body["status"] == "ready", body["reason"]
+    home = integration_settings.guests_dir / session_id / "rootfs" / "home" / "browser"
+    assert home.is_dir() and not (home / ".config" / "mc-oauth2" / "token.json").exists()
+    for path in home.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            assert token.encode() not in path.read_bytes(), path
 
 
 def test_a_wrong_password_stores_nothing(

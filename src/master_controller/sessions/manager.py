@@ -14,7 +14,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -32,7 +32,7 @@ from master_controller.errors import (
     TooManySessions,
 )
 from master_controller.images.store import ImageStore
-from master_controller.network.egress import Allowance
+from master_controller.network.egress import Allowance, EgressProxy
 from master_controller.readiness import (
     guest_give_up,
     non_blank_frame,
@@ -41,8 +41,16 @@ from master_controller.readiness import (
     websocket_upgrade,
 )
 from master_controller.runtimes.base import GuestSecrets, GuestState, GuestStatus, Runtime
+from master_controller.sessions import guest_input
 from master_controller.sessions.agent import GuestAgent
-from master_controller.sessions.states import ACTIVE, TERMINAL, VIEWABLE, State, check_transition
+from master_controller.sessions.states import (
+    ACTIVE,
+    HOLDING,
+    TERMINAL,
+    VIEWABLE,
+    State,
+    check_transition,
+)
 from master_controller.settings import Settings
 from master_controller.steps import StepLog, StepRecord
 from master_controller.store import repo
@@ -67,8 +75,10 @@ class SessionManager:
         tickets: Tickets,
         viewers: ViewerRegistry,
         credentials: CredentialStore,
+        egress: EgressProxy | None = None,
     ) -> None:
         self.settings = settings
+        self.egress = egress
         self.credentials = credentials
         self._logins: dict[str, asyncio.Task[None]] = {}
         self.db = db
@@ -108,11 +118,11 @@ class SessionManager:
             raise NoImage("no promoted image: run `master-controller image ensure`")
         async with self._lock, self.db.session() as db:
             active = await repo.list_sessions(db, states=[s.value for s in ACTIVE])
-            if len(active) >= self.settings.max_sessions:
-                raise TooManySessions(
-                    f"this host runs its maximum of {self.settings.max_sessions} sessions; "
-                    "try again when one has ended"
-                )
+            self._check_capacity(active)
+            held = await repo.list_sessions(db, states=[s.value for s in HOLDING])
+            kept = self._kept_guests()
+            held = [r for r in held if r.state != State.CAPTURED or r.guest_id in kept]
+            self._check_quota(held, user_id, api_key_id)
             session_id = str(uuid.uuid4())
             row = SessionRow(
                 id=session_id,
@@ -129,6 +139,28 @@ class SessionManager:
             await repo.add_event(db, session_id, "state", State.PROVISIONING)
         self._tasks[session_id] = asyncio.create_task(self._boot(row))
         return row
+
+    def _check_capacity(self, active: list[SessionRow]) -> None:
+        if len(active) >= self.settings.max_sessions:
+            raise TooManySessions(
+                f"this host runs its maximum of {self.settings.max_sessions} sessions; "
+                "try again when one has ended"
+            )
+
+    def _check_quota(self, held: list[SessionRow], user_id: str, api_key_id: str | None) -> None:
+        """Live plus hibernated sessions are capped per API key and per user, so one key
+        (or one user) cannot fill the host's memory or disk with kept guests."""
+        s = self.settings
+        if sum(1 for r in held if r.api_key_id == api_key_id) >= s.max_sessions_per_key:
+            raise TooManySessions(
+                f"this API key holds its maximum of {s.max_sessions_per_key} live or "
+                "hibernated sessions; cancel one first"
+            )
+        if sum(1 for r in held if r.user_id == user_id) >= s.max_sessions_per_user:
+            raise TooManySessions(
+                f"user {user_id[:128]!r} has the maximum of {s.max_sessions_per_user} live or "
+                "hibernated sessions; cancel one first"
+            )
 
     async def transition(self, session_id: str, new: State, reason: str = "") -> SessionRow:
         async with self.db.session() as db:
@@ -148,6 +180,7 @@ class SessionManager:
             await repo.add_event(
                 db, session_id, "state", new, ok=new != State.FAILED, detail=reason
             )
+        self._update_egress(row)
         log.info("session %s -> %s %s", session_id, new, reason)
         return row
 
@@ -207,20 +240,32 @@ class SessionManager:
         except providers.ProviderError as exc:
             raise ConfigError(f"oauth2 settings: {exc}") from exc
 
-    async def egress_policy(self, address: str) -> Allowance | None:
-        """What the guest at ``address`` may reach: its provider's sign-in domains, while
-        its session is ready or signing in."""
-        async with self.db.session() as db:
-            rows = await repo.list_sessions(db, states=[s.value for s in VIEWABLE])
-        row = next((r for r in rows if r.browser_ip == address), None)
-        if row is None:
-            return None
+    def allowance(self, row: SessionRow) -> Allowance:
+        """What a session's guest may reach while it signs in: its provider's sign-in
+        domains on 443 (for ``oauth2``: its endpoints' hosts and ports)."""
         provider = providers.get(row.provider)
-        if isinstance(provider, OAuth2):
-            domains = provider.domains_for(self.login_options(row.provider))
+        if not isinstance(provider, OAuth2):
+            return Allowance(session_id=row.id, domains=provider.domains)
+        options = self.login_options(row.provider)
+        endpoints = [urlsplit(options[k]) for k in ("authorize_url", "token_url")]
+        ports = {u.port or (443 if u.scheme == "https" else 80) for u in endpoints}
+        return Allowance(
+            session_id=row.id, domains=provider.domains_for(options), ports=frozenset(ports)
+        )
+
+    def _update_egress(self, row: SessionRow) -> None:
+        """Egress is granted to a guest only while its session is ready or signing in;
+        leaving those states revokes it and closes the guest's open tunnels."""
+        if self.egress is None or row.browser_ip is None:
+            return
+        try:
+            allowance = self.allowance(row) if State(row.state) in VIEWABLE else None
+        except ConfigError:  # oauth2 settings gone bad since the start: no egress, then
+            allowance = None
+        if allowance is not None:
+            self.egress.grant(row.browser_ip, allowance)
         else:
-            domains = provider.domains
-        return Allowance(session_id=row.id, domains=domains)
+            self.egress.revoke(row.browser_ip)
 
     async def start_login(self, session_id: str) -> None:
         """ready -> authenticating: the provider's login runs in the guest, watched until
@@ -243,18 +288,17 @@ class SessionManager:
         try:
             while True:
                 try:
-                    login = await agent.login()
+                    login: object = await agent.login()
                 except GuestAgentError as exc:
                     log.info("session %s: agent not answering (%s)", session_id, exc.reason)
                     await asyncio.sleep(interval)
                     continue
-                for name in login.get("prompts_answered", []):
+                report = guest_input.login_report(row.provider, login)
+                for name in report.prompts_answered:
                     await self._note(session_id, reported, f"prompt: {name}", "answered")
-                if login.get("auth_url"):
-                    await self._note(
-                        session_id, reported, "auth url", _origin(str(login["auth_url"]))
-                    )
-                if login.get("credentials", {}).get("valid"):
+                if report.auth_origin:
+                    await self._note(session_id, reported, "auth url", report.auth_origin)
+                if report.credentials_valid:
                     break
                 await asyncio.sleep(interval)
             await self._capture(row, agent)
@@ -282,30 +326,59 @@ class SessionManager:
             await self._event(session_id, StepRecord(name, 0.0, True, detail))
 
     async def _capture(self, row: SessionRow, agent: GuestAgent) -> None:
+        """Fetch the credentials once, check them here, seal them in the vault, then make
+        sure no one can reach them through the guest again: its viewers are closed and its
+        egress revoked at once, and the guest is destroyed, or (``after_capture =
+        "hibernate"``) kept only after its agent wiped the credential files and the
+        provider's browser session out of it."""
         started = time.monotonic()
-        fetched = await agent.fetch_credentials()
+        if self.egress is not None and row.browser_ip is not None:
+            self.egress.revoke(row.browser_ip)
+        await self.viewers.close_all(row.id, SESSION_ENDED, "credentials captured")
+        checked = guest_input.credentials(row.provider, await agent.fetch_credentials())
         captured = Captured(
-            provider=row.provider,
-            files={str(k): str(v) for k, v in fetched["files"].items()},
-            expires_at=fetched.get("status", {}).get("expires_at"),
+            provider=row.provider, files=checked.files, expires_at=checked.status.expires_at
         )
         stored = await self.credentials.store(row.user_id, captured, row.id, row.api_key_id)
         await self._event(
             row.id,
             StepRecord("credentials stored", time.monotonic() - started, True, stored.files),
         )
-        await self.viewers.close_all(row.id, SESSION_ENDED, "credentials captured")
         guest = self.guest(row)
-        hibernated, outcome = False, "guest destroyed"
+        outcome = "guest destroyed"
         if self.settings.after_capture == "hibernate":
-            try:
-                await self.runtime.hibernate(guest)
-                hibernated, outcome = True, "guest hibernated"
-            except HibernateFailed as exc:  # the credentials are safe; the guest is not needed
-                outcome = f"hibernating failed ({exc.reason}), so the guest was destroyed"
-        if not hibernated:
+            outcome = await self._wipe_and_hibernate(row.id, agent, guest)
+        if outcome != "guest hibernated":
             await self.runtime.destroy(guest)
         await self.transition(row.id, State.CAPTURED, f"credentials stored; {outcome}")
+
+    async def _wipe_and_hibernate(
+        self, session_id: str, agent: GuestAgent, guest: GuestState
+    ) -> str:
+        """Keep a captured guest only without its credentials; says what became of it."""
+        started = time.monotonic()
+        try:
+            wiped = await agent.wipe_credentials()
+        except GuestAgentError as exc:
+            await self._event(
+                session_id,
+                StepRecord("wipe credentials", time.monotonic() - started, False, exc.reason[:500]),
+            )
+            return f"wiping the credentials in the guest failed ({exc.reason}), so it was destroyed"
+        count = wiped.get("removed_count") if isinstance(wiped, dict) else None
+        fresh = isinstance(wiped, dict) and wiped.get("chromium") == "active"
+        detail = f"{count if isinstance(count, int) else '?'} files removed"
+        await self._event(
+            session_id,
+            StepRecord("wipe credentials", time.monotonic() - started, fresh, detail),
+        )
+        if not fresh:  # a browser that did not come back fresh is not worth keeping
+            return "the guest's browser did not restart after the wipe, so it was destroyed"
+        try:
+            await self.runtime.hibernate(guest)
+        except HibernateFailed as exc:  # the credentials are safe; the guest is not needed
+            return f"hibernating failed ({exc.reason}), so the guest was destroyed"
+        return "guest hibernated"
 
     async def _fail_start(
         self, session_id: str, step: str, exc: Exception, records: list[StepRecord]
@@ -408,8 +481,24 @@ class SessionManager:
         return await self.transition(session_id, State.HIBERNATED)
 
     async def resume(self, session_id: str) -> SessionRow:
-        """Start a hibernated session's guest again; ready once the viewer path works."""
-        row = await self.transition(session_id, State.RESUMING)
+        """Start a hibernated session's guest again; ready once the viewer path works. A
+        captured session resumes only if its guest was kept (wiped of its credentials)."""
+        async with self._lock:
+            row = await self.get(session_id)
+            if State(row.state) == State.CAPTURED:
+                try:
+                    kept = self.runtime.status(self.guest(row)) == GuestStatus.HIBERNATED
+                except MCError:
+                    kept = False
+                if not kept:
+                    raise SessionStateError(
+                        f"session {session_id} is captured and its guest was destroyed; "
+                        "start a new session to sign in again"
+                    )
+            async with self.db.session() as db:
+                active = await repo.list_sessions(db, states=[s.value for s in ACTIVE])
+            self._check_capacity(active)
+            row = await self.transition(session_id, State.RESUMING)
         self._tasks[session_id] = asyncio.create_task(self._resume(row))
         return row
 
@@ -518,6 +607,7 @@ class SessionManager:
                 alive = False
             if alive and State(row.state) in VIEWABLE:
                 log.info("session %s: guest still running, reattached", row.id)
+                self._update_egress(row)
                 if State(row.state) == State.AUTHENTICATING:
                     self._watch_login(row)
                 continue
@@ -532,6 +622,7 @@ class SessionManager:
         now = utcnow()
         async with self.db.session() as db:
             active = await repo.list_sessions(db, states=[s.value for s in ACTIVE])
+        await self._expire_kept(now)
         for row in active:
             state = State(row.state)
             if now - row.created_at > timedelta(seconds=self.settings.max_lifetime):
@@ -558,6 +649,32 @@ class SessionManager:
                 with contextlib.suppress(MCError):
                     if self.runtime.status(self.guest(row)) == GuestStatus.DEAD:
                         await self.end(row.id, State.FAILED, "the guest stopped unexpectedly")
+
+    async def _expire_kept(self, now: datetime) -> None:
+        """Hibernated guests (and captured ones kept) are destroyed, their snapshots and
+        disk layers with them, ``hibernated_ttl`` after their last activity."""
+        ttl = timedelta(seconds=self.settings.hibernated_ttl)
+        async with self.db.session() as db:
+            kept = await repo.list_sessions(
+                db, states=[State.HIBERNATED.value, State.CAPTURED.value]
+            )
+        expired = [r for r in kept if now - r.last_activity_at > ttl]
+        guests = self._kept_guests() if expired else set()
+        for row in expired:
+            if State(row.state) == State.HIBERNATED:
+                why = f"hibernated for over {self.settings.hibernated_ttl:.0f}s"
+                await self.end(row.id, State.TERMINATED, why)
+            elif row.guest_id in guests:
+                await self._destroy_guest(row)
+
+    def _kept_guests(self) -> set[str]:
+        """Ids of the guests the runtime still keeps (running or hibernated)."""
+        return {g.guest_id for g in self.runtime.guests()}
+
+    async def _destroy_guest(self, row: SessionRow) -> None:
+        with contextlib.suppress(MCError):
+            await self.runtime.destroy(self.guest(row))
+        await self._event(row.id, StepRecord("kept guest destroyed", 0.0, True, "expired"))
 
     async def run_reaper(self, interval: float = 2.0) -> None:
         while True:

@@ -26,6 +26,9 @@ VIEWABLE = frozenset({State.READY, State.AUTHENTICATING})
 # States that hold host capacity (count against max_sessions). A captured session's guest
 # is hibernated or destroyed.
 ACTIVE = frozenset(State) - TERMINAL - {State.HIBERNATED, State.CAPTURED}
+# States that hold a guest, running or saved (count against the per-key and per-user caps;
+# a captured session counts too while its wiped guest is kept).
+HOLDING = ACTIVE | {State.HIBERNATED, State.CAPTURED}
 
 _NEXT: dict[State, frozenset[State]] = {
     State.PROVISIONING: frozenset({State.BOOTING}),
