@@ -90,11 +90,11 @@ class Settings(BaseSettings):
     )
     egress_hosts: dict[str, str] = Field(
         default_factory=dict,
-        description="Host name, or \"name:port\" -> IP address the egress proxy connects to "
+        description='Host name, or "name:port" -> IP address the egress proxy connects to '
         "instead of resolving the name. Loopback, private, link-local, CGNAT, multicast, "
         "reserved and this host's own addresses are refused unless that exact name and port "
         "is mapped here; a key without a port counts as port 443 (a local identity provider "
-        "on 8443 needs \"idp.test:8443\").",
+        'on 8443 needs "idp.test:8443").',
     )
     vault_key_file: Path | None = Field(
         None, description="The vault's key file (default <data_dir>/vault.keys, made 0600)."
