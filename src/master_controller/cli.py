@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -266,6 +267,11 @@ def serve(
     from master_controller.web.app import UMASK, create_app, log_config, protect_data_dir
 
     os.umask(UMASK)
+    # every guest's egress tunnels and viewers hold descriptors; the egress proxy's total
+    # cap is a share of this limit, so take what the host allows
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     settings = get_settings().model_copy(update=overrides)
     with reported():
