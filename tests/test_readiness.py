@@ -1,12 +1,26 @@
 import asyncio
+import time
+import tracemalloc
 from collections.abc import AsyncIterator
 
 import pytest
 from websockets.asyncio.server import serve
 
+from master_controller import readiness
 from master_controller.errors import ProbeError
-from master_controller.readiness import RFC6455_SAMPLE_KEY, websocket_accept, websocket_upgrade
+from master_controller.readiness import (
+    MAX_GUEST_MESSAGE,
+    RFC6455_SAMPLE_KEY,
+    agent_health,
+    non_blank_frame,
+    poll,
+    rfb_handshake,
+    websocket_accept,
+    websocket_upgrade,
+)
 from master_controller.rfb import Frame
+from master_controller.sessions.agent import MAX_RESPONSE_BYTES
+from tests.sessions import hostile
 
 
 def test_accept_value_of_the_rfc_sample() -> None:
@@ -61,3 +75,54 @@ def test_blank_and_non_blank_frames() -> None:
     assert not drawn.is_blank()
     png = drawn.png()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and b"IEND" in png
+
+
+# --- a hostile guest's VNC and agent (tests/sessions/hostile.py, on loopback) -----------
+
+
+async def test_the_fake_websockify_serves_a_real_screen() -> None:
+    """The hostile server's well-behaved mode: what the attacks below start from."""
+    with hostile.running("vnc-ok") as port:
+        frame = await non_blank_frame(f"ws://127.0.0.1:{port}/", "pw", time.monotonic() + 5)
+    assert (frame.width, frame.height) == (64, 32)
+
+
+async def test_a_16gib_screen_claim_fails_the_handshake() -> None:
+    with (
+        hostile.running("vnc-huge-screen") as port,
+        pytest.raises(ProbeError, match="claims a 65535x65535 screen"),
+    ):
+        await rfb_handshake(f"ws://127.0.0.1:{port}/", "pw")
+
+
+async def test_a_100mb_websocket_message_is_refused_unread() -> None:
+    """After a good handshake the guest sends one 100 MB message: refused by its header
+    (1009), so it is never buffered."""
+    tracemalloc.start()
+    try:
+        with hostile.running("vnc-huge-message") as port, pytest.raises(ProbeError, match="1009"):
+            await non_blank_frame(f"ws://127.0.0.1:{port}/", "pw", time.monotonic() + 5)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MAX_GUEST_MESSAGE, f"{peak} bytes allocated"
+
+
+async def test_poll_cuts_a_check_a_guest_keeps_alive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A VNC server dribbling its greeting a byte every 0.2 s never trips the 10 s silence
+    timeout; poll still ends the check at its deadline (plus the grace, plus at most
+    GUEST_CLOSE_SECONDS waiting for the close frame the guest never answers)."""
+    monkeypatch.setattr(readiness, "CHECK_GRACE_SECONDS", 0.5)
+    with hostile.running("vnc-dribble", seconds=0.2) as port:
+        started = time.monotonic()
+        with pytest.raises(ProbeError, match="still waiting"):
+            await poll(lambda: rfb_handshake(f"ws://127.0.0.1:{port}/", "pw"), started + 0.5)
+    assert time.monotonic() - started < 3.0
+
+
+async def test_agent_health_refuses_a_100mb_answer() -> None:
+    with (
+        hostile.running("agent-huge") as port,
+        pytest.raises(ProbeError, match=f"at most {MAX_RESPONSE_BYTES}"),
+    ):
+        await agent_health(f"http://127.0.0.1:{port}", "token")

@@ -265,6 +265,7 @@ def serve(
     import uvicorn
 
     from master_controller.web.app import UMASK, create_app, log_config, protect_data_dir
+    from master_controller.web.proxy import MAX_VIEWER_MESSAGE
 
     os.umask(UMASK)
     # every guest's egress tunnels and viewers hold descriptors; the egress proxy's total
@@ -285,6 +286,7 @@ def serve(
         port=settings.port,
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,
+        ws_max_size=MAX_VIEWER_MESSAGE,  # larger viewer frames are closed 1009 by uvicorn
         log_level="info",
         log_config=log_config(),
     )

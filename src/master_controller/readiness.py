@@ -4,6 +4,10 @@ A guest is ready when a viewer would see its screen: websockify answers a WebSoc
 with 101 and the right ``Sec-WebSocket-Accept``, an RFB 3.8 handshake with the guest's
 password succeeds, and the framebuffer is not blank. No sleeps: every check is polled with
 a deadline and a failure says what did not come up.
+
+What a guest answers is bounded: WebSocket messages (:data:`MAX_GUEST_MESSAGE`), RFB sizes
+(``rfb``), agent answers (``sessions.agent``), and each check's time (:func:`poll` cuts a
+check that is still running past its deadline, so a guest dribbling bytes cannot hold it).
 """
 
 from __future__ import annotations
@@ -16,18 +20,32 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
 
-from master_controller.errors import ProbeError
+from master_controller.errors import GuestAgentError, ProbeError
 from master_controller.rfb import Frame, RFBClient, ServerInfo
 from master_controller.runtimes.base import GuestState, GuestStatus, Runtime
+from master_controller.sessions.agent import request_json
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 RFC6455_SAMPLE_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
 T = TypeVar("T")
+
+# Largest WebSocket message taken from a guest's websockify. websockify (0.10, Debian's)
+# sends what one recv() from the VNC server returns, at most its buffer_size of 64 KiB, as
+# one message; 1 MiB leaves 16x margin and bounds what one message can make us hold.
+MAX_GUEST_MESSAGE = 1024 * 1024
+# Frames a WebSocket client buffers before it stops reading (flow control): with the size
+# above, at most 4 MiB queued per connection to a guest.
+MAX_GUEST_QUEUE = 4
+# How long closing waits for a guest's answer to our close frame (a hostile one never
+# answers; websockets would wait 10 s by default).
+GUEST_CLOSE_SECONDS = 1.0
+# A check still running this long after its poll's deadline is cut (the grace lets a check
+# that watches the deadline itself, like non_blank_frame, end with its own reason first).
+CHECK_GRACE_SECONDS = 5.0
 
 
 def websocket_accept(key: str) -> str:
@@ -44,7 +62,8 @@ async def websocket_upgrade(
 ) -> dict[str, str]:
     """Send the RFC 6455 sample handshake; require 101 and the correct accept value."""
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        async with asyncio.timeout(timeout):  # not wait_for: see WebSocketStream
+            reader, writer = await asyncio.open_connection(host, port)
     except (OSError, TimeoutError) as exc:
         raise ProbeError(f"nothing accepts connections on {host}:{port} ({exc})") from exc
     try:
@@ -57,7 +76,8 @@ async def websocket_upgrade(
         )
         writer.write(request.encode())
         await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+        async with asyncio.timeout(timeout):
+            head = await reader.readuntil(b"\r\n\r\n")
     except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
         raise ProbeError(f"no WebSocket handshake answer from {host}:{port} ({exc!r})") from exc
     finally:
@@ -94,7 +114,10 @@ class WebSocketStream:
     async def read_exactly(self, n: int) -> bytes:
         while len(self.buffer) < n:
             try:
-                message = await asyncio.wait_for(self.ws.recv(), self.timeout)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+                # that arrives as a message does (an outer deadline would then be lost)
+                async with asyncio.timeout(self.timeout):
+                    message = await self.ws.recv()
             except TimeoutError as exc:
                 raise ProbeError(f"the VNC server sent nothing for {self.timeout}s") from exc
             except WebSocketException as exc:
@@ -122,7 +145,10 @@ async def rfb_over_websocket(
             subprotocols=["binary"],  # type: ignore[list-item]
             proxy=None,
             open_timeout=timeout,
-            max_size=None,
+            max_size=MAX_GUEST_MESSAGE,
+            max_queue=MAX_GUEST_QUEUE,
+            compression=None,  # websockify never compresses; no inflating a guest's bomb
+            close_timeout=GUEST_CLOSE_SECONDS,
             additional_headers=headers,
         ) as ws:
             client = RFBClient(WebSocketStream(ws, timeout))
@@ -158,16 +184,16 @@ async def non_blank_frame(
 
 
 async def agent_health(url: str, token: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The agent's /health answer (bounded in size and time, see ``sessions.agent``)."""
     try:
-        async with httpx.AsyncClient(trust_env=False, timeout=timeout) as client:
-            response = await client.get(
-                f"{url}/health", headers={"Authorization": f"Bearer {token}"}
-            )
-    except httpx.HTTPError as exc:
-        raise ProbeError(f"guest agent unreachable at {url} ({exc!r})") from exc
-    if response.status_code != 200:
-        raise ProbeError(f"guest agent answered {response.status_code}: {response.text[:200]}")
-    return dict(response.json())
+        status, answer = await request_json(
+            "GET", f"{url}/health", {"Authorization": f"Bearer {token}"}, deadline=timeout
+        )
+    except GuestAgentError as exc:
+        raise ProbeError(f"guest agent at {url}: {exc.reason}") from exc
+    if status != 200:
+        raise ProbeError(f"guest agent answered {status}: {str(answer.get('error', ''))[:200]}")
+    return answer
 
 
 async def poll(
@@ -177,10 +203,19 @@ async def poll(
     give_up: Callable[[], Awaitable[str | None]] | None = None,
 ) -> T:
     """Run ``check`` until it returns without ProbeError or ``deadline`` (monotonic) passes.
-    ``give_up`` may return a reason to stop early (the guest died, say)."""
+    ``give_up`` may return a reason to stop early (the guest died, say). A check still
+    running :data:`CHECK_GRACE_SECONDS` after the deadline is cut with a ProbeError."""
     while True:
+        cut = asyncio.timeout_at(deadline + CHECK_GRACE_SECONDS)
         try:
-            return await check()
+            async with cut:
+                return await check()
+        except TimeoutError as exc:
+            if not cut.expired():
+                raise
+            raise ProbeError(
+                f"still waiting for an answer {CHECK_GRACE_SECONDS:g} s past the deadline"
+            ) from exc
         except ProbeError as exc:
             reason = await give_up() if give_up is not None else None
             if reason:

@@ -3,6 +3,12 @@
 It performs the version 3.8 handshake with VNC authentication, asks for the whole
 framebuffer in Raw encoding and assembles it. The transport is any byte stream with
 ``read_exactly`` and ``write`` (a TCP stream, or a WebSocket through websockify).
+
+The server is a guest, and a guest is hostile by assumption: every length and size it
+sends is checked against a bound *before* anything is allocated or read for it, and a claim
+past a bound is a :class:`ProbeError` naming the claim. The bounds are generous for a real
+desktop (a 4K screen fits) and tiny next to what the wire format lets a server claim
+(a 65535x65535 screen is 16 GiB; a name or a reason may claim 4 GiB).
 """
 
 from __future__ import annotations
@@ -24,6 +30,16 @@ SECURITY_VNC = 2
 ENCODING_RAW = 0
 # 32 bits per pixel, depth 24, little-endian, true colour, 8 bits per channel: B, G, R, pad.
 PIXEL_FORMAT = struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
+BYTES_PER_PIXEL = 4
+
+# Bounds on what a server may claim. Guests draw 1280x800; 3840x2160 (4K, 31.6 MiB) fits.
+MAX_DIMENSION = 8192
+MAX_FRAMEBUFFER_BYTES = 32 * 1024 * 1024
+MAX_NAME_BYTES = 4096  # the desktop name in ServerInit; x11vnc sends "host:1"-like names
+MAX_REASON_BYTES = 4096  # kept of a failure reason; the connection ends right after
+MAX_CUT_TEXT_BYTES = 1024 * 1024  # a ServerCutText we skip (read in chunks, never kept)
+MAX_COLOUR_MAP = 256  # we ask for true colour; a colour map beyond 8 bits is made up
+DISCARD_CHUNK = 64 * 1024
 
 
 class ByteStream(Protocol):
@@ -49,6 +65,70 @@ class ServerInfo:
     width: int
     height: int
     name: str
+
+
+@dataclass
+class ServerInit:
+    """The server's ServerInit message, checked against the bounds above."""
+
+    width: int
+    height: int
+    pixel_format: bytes
+    name: bytes
+
+    def encode(self) -> bytes:
+        return (
+            struct.pack(">HH", self.width, self.height)
+            + self.pixel_format
+            + struct.pack(">I", len(self.name))
+            + self.name
+        )
+
+
+def check_screen(width: int, height: int) -> None:
+    """Refuse a framebuffer size a real desktop does not have (before allocating for it)."""
+    size = width * height * BYTES_PER_PIXEL
+    if not (0 < width <= MAX_DIMENSION and 0 < height <= MAX_DIMENSION) or (
+        size > MAX_FRAMEBUFFER_BYTES
+    ):
+        raise ProbeError(
+            f"the VNC server claims a {width}x{height} screen ({size} bytes of pixels; "
+            f"at most {MAX_DIMENSION}x{MAX_DIMENSION} and {MAX_FRAMEBUFFER_BYTES} bytes)"
+        )
+
+
+async def read_server_init(stream: ByteStream) -> ServerInit:
+    """Read and check ServerInit (the answer to ClientInit): screen size and name length
+    are refused past their bounds before the name is read."""
+    width, height = struct.unpack(">HH", await stream.read_exactly(4))
+    check_screen(width, height)
+    pixel_format = await stream.read_exactly(16)
+    (name_len,) = struct.unpack(">I", await stream.read_exactly(4))
+    if name_len > MAX_NAME_BYTES:
+        raise ProbeError(
+            f"the VNC server claims a desktop name of {name_len} bytes (at most {MAX_NAME_BYTES})"
+        )
+    name = await stream.read_exactly(name_len)
+    return ServerInit(width, height, pixel_format, name)
+
+
+async def read_reason(stream: ByteStream) -> str:
+    """A failure reason (a length, then text). At most MAX_REASON_BYTES are read and kept:
+    the connection is abandoned right after, so the rest is never read (a server claiming
+    a 4 GiB reason gets 4 KiB of attention)."""
+    (length,) = struct.unpack(">I", await stream.read_exactly(4))
+    text = (await stream.read_exactly(min(length, MAX_REASON_BYTES))).decode(errors="replace")
+    return text + (
+        f" [... {length - MAX_REASON_BYTES} more bytes]" if length > MAX_REASON_BYTES else ""
+    )
+
+
+async def discard(stream: ByteStream, n: int) -> None:
+    """Read and drop ``n`` bytes in chunks: skipping never allocates what it skips."""
+    while n > 0:
+        chunk = min(n, DISCARD_CHUNK)
+        await stream.read_exactly(chunk)
+        n -= chunk
 
 
 @dataclass
@@ -139,27 +219,27 @@ class RFBClient:
         return types
 
     async def initialise(self, security_types: list[int]) -> ServerInfo:
+        """ClientInit (shared), a checked ServerInit, then our pixel format and encodings."""
         await self.stream.write(b"\x01")  # shared: other viewers stay connected
-        width, height = struct.unpack(">HH", await self.stream.read_exactly(4))
-        await self.stream.read_exactly(16)  # the server's pixel format; we set ours
-        (name_len,) = struct.unpack(">I", await self.stream.read_exactly(4))
-        name = (await self.stream.read_exactly(name_len)).decode(errors="replace")
-        self.info = ServerInfo(self.version, security_types, width, height, name)
+        init = await read_server_init(self.stream)
+        name = init.name.decode(errors="replace")
+        self.info = ServerInfo(self.version, security_types, init.width, init.height, name)
         await self.stream.write(b"\x00\x00\x00\x00" + PIXEL_FORMAT)
         await self.stream.write(struct.pack(">BxHi", 2, 1, ENCODING_RAW))
         return self.info
 
     async def _reason(self) -> str:
-        (length,) = struct.unpack(">I", await self.stream.read_exactly(4))
-        return (await self.stream.read_exactly(min(length, 4096))).decode(errors="replace")
+        return await read_reason(self.stream)
 
     async def frame(self) -> Frame:
-        """Request and assemble one complete (non-incremental) framebuffer."""
+        """Request and assemble one complete (non-incremental) framebuffer. Rectangles must
+        lie inside the screen ServerInit announced (already bounded), so memory stays within
+        one framebuffer plus one row."""
         if self.info is None:
             raise ProbeError("handshake first")
         w, h = self.info.width, self.info.height
         await self.stream.write(struct.pack(">BBHHHH", 3, 0, 0, 0, w, h))
-        pixels = bytearray(w * h * 4)
+        pixels = bytearray(w * h * BYTES_PER_PIXEL)
         while True:
             (kind,) = await self.stream.read_exactly(1)
             if kind == 0:
@@ -170,21 +250,36 @@ class RFBClient:
             x, y, rw, rh, encoding = struct.unpack(">HHHHi", await self.stream.read_exactly(12))
             if encoding != ENCODING_RAW:
                 raise ProbeError(f"server sent encoding {encoding}, only Raw was asked for")
-            data = await self.stream.read_exactly(rw * rh * 4)
-            for row in range(rh):
-                start = ((y + row) * w + x) * 4
-                pixels[start : start + rw * 4] = data[row * rw * 4 : (row + 1) * rw * 4]
+            if x + rw > w or y + rh > h:
+                raise ProbeError(
+                    f"the VNC server sent a {rw}x{rh} rectangle at ({x},{y}), outside its "
+                    f"{w}x{h} screen"
+                )
+            stride = rw * BYTES_PER_PIXEL
+            for row in range(rh):  # row by row: never a second framebuffer-sized buffer
+                start = ((y + row) * w + x) * BYTES_PER_PIXEL
+                pixels[start : start + stride] = await self.stream.read_exactly(stride)
         return Frame(w, h, pixels)
 
     async def _skip_message(self, kind: int) -> None:
         if kind == 1:  # SetColourMapEntries
-            _, _, n = struct.unpack(">xHH", await self.stream.read_exactly(5))
-            await self.stream.read_exactly(n * 6)
+            first, n = struct.unpack(">xHH", await self.stream.read_exactly(5))
+            if first + n > MAX_COLOUR_MAP:
+                raise ProbeError(
+                    f"the VNC server sent colour map entries {first}..{first + n} "
+                    f"(at most {MAX_COLOUR_MAP}, and true colour was asked for)"
+                )
+            await discard(self.stream, n * 6)
         elif kind == 2:  # Bell
             return
         elif kind == 3:  # ServerCutText
             (length,) = struct.unpack(">3xI", await self.stream.read_exactly(7))
-            await self.stream.read_exactly(length)
+            if length > MAX_CUT_TEXT_BYTES:
+                raise ProbeError(
+                    f"the VNC server sent clipboard text of {length} bytes "
+                    f"(at most {MAX_CUT_TEXT_BYTES})"
+                )
+            await discard(self.stream, length)
         else:
             raise ProbeError(f"unexpected RFB server message type {kind}")
 

@@ -1,14 +1,23 @@
 """The viewer WebSocket proxy: viewer <-> controller <-> the guest's websockify.
 
-The proxy authenticates to the guest's VNC server with the guest's password, then offers
-the viewer an RFB handshake without authentication (the viewer proved itself with its
-ticket) and relays frames both ways as they arrive. Every way it can end closes the
-viewer's socket with a code and a reason, never a bare drop:
+The proxy authenticates to the guest's VNC server with the guest's password, sends its
+ClientInit (always shared) and checks the guest's ServerInit, then offers the viewer an RFB
+handshake without authentication (the viewer proved itself with its ticket), hands it the
+checked ServerInit and relays frames both ways as they arrive. Every way it can end closes
+the viewer's socket with a code and a reason, never a bare drop:
 
-    1011 guest VNC unreachable / guest VNC closed the connection
+    1008 the viewer did not finish its handshake in time, or broke the protocol
+    1009 a viewer message larger than MAX_VIEWER_MESSAGE
+    1011 guest VNC unreachable / closed the connection / failed or faked its handshake /
+         sent a message larger than MAX_GUEST_MESSAGE / stopped answering
     4401 no or invalid viewer ticket       4403 origin not allowed
     4404 session not found                 4409 session not ready yet
     4410 session ended                     4412 session hibernated
+    4429 the session has max_viewers viewers already
+
+The guest is hostile by assumption: its messages, its ServerInit and its handshake time are
+bounded, and a viewer slot is taken atomically (no await between the count and the
+registration), so concurrent connects cannot exceed the limit.
 """
 
 from __future__ import annotations
@@ -18,23 +27,54 @@ import contextlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from master_controller.errors import ProbeError
-from master_controller.readiness import WebSocketStream
-from master_controller.rfb import RFBClient, accept_without_auth
+from master_controller.readiness import (
+    GUEST_CLOSE_SECONDS,
+    MAX_GUEST_MESSAGE,
+    MAX_GUEST_QUEUE,
+    WebSocketStream,
+)
+from master_controller.rfb import RFBClient, ServerInit, accept_without_auth, read_server_init
 from master_controller.web.metrics import PROXY_BYTES, PROXY_CONNECTIONS, PROXY_CONNECTIONS_TOTAL
 
 GUEST_UNREACHABLE = (1011, "guest VNC unreachable")
 GUEST_CLOSED = (1011, "guest VNC closed the connection")
 GUEST_SILENT = (1011, "the guest stopped answering (network cut, or guest frozen)")
+GUEST_TOO_BIG = (1011, f"the guest's VNC sent a message over {MAX_GUEST_MESSAGE} bytes")
+MESSAGE_TOO_BIG = 1009
+# noVNC's own messages (keys, pointer, update requests) are a few bytes; the largest is a
+# clipboard paste (ClientCutText). 256 KiB of pasted text is plenty.
+MAX_VIEWER_MESSAGE = 256 * 1024
+VIEWER_TOO_BIG = (MESSAGE_TOO_BIG, f"a viewer message over {MAX_VIEWER_MESSAGE} bytes")
 SESSION_ENDED = 4410
 SESSION_HIBERNATED = 4412
 GUEST_PING_SECONDS = 5.0
 HANDSHAKE_SECONDS = 30.0  # a viewer must finish its RFB handshake within this
+GUEST_HANDSHAKE_SECONDS = 15.0  # and the guest its side, through to ServerInit
 TOO_MANY_VIEWERS = 4429
+# how the relay ended on the guest's side -> what the viewer is told
+GUEST_ENDINGS = {
+    "guest": GUEST_CLOSED,
+    "guest-silent": GUEST_SILENT,
+    "guest-too-big": GUEST_TOO_BIG,
+}
+
+
+class ViewerMessageTooBig(ProbeError):
+    """A viewer sent a message larger than MAX_VIEWER_MESSAGE (closed with 1009)."""
+
+
+def viewer_bytes(message: Message) -> bytes:
+    """The payload of a viewer's ``websocket.receive`` message, refused past the bound."""
+    data: bytes = message.get("bytes") or (message.get("text") or "").encode()
+    if len(data) > MAX_VIEWER_MESSAGE:
+        raise ViewerMessageTooBig(f"a viewer message of {len(data)} bytes")
+    return data
 
 
 class ViewerStream:
@@ -49,7 +89,7 @@ class ViewerStream:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
                 raise WebSocketDisconnect(message.get("code", 1000))
-            self.buffer += message.get("bytes") or (message.get("text") or "").encode()
+            self.buffer += viewer_bytes(message)
         data = bytes(self.buffer[:n])
         del self.buffer[:n]
         return data
@@ -81,17 +121,47 @@ class ViewerRegistry:
     def count(self, session_id: str) -> int:
         return len(self.viewers.get(session_id, ()))
 
+    def reserve(self, viewer: ViewerConnection, limit: int | None) -> bool:
+        """Register ``viewer`` unless its session has ``limit`` viewers already. Checking
+        and registering in one synchronous step is what makes the limit hold under
+        concurrent connects: no other task runs in between."""
+        viewers = self.viewers[viewer.session_id]
+        if limit is not None and len(viewers) >= limit:
+            if not viewers:
+                self.viewers.pop(viewer.session_id, None)
+            return False
+        viewers.add(viewer)
+        return True
+
+    def release(self, viewer: ViewerConnection) -> None:
+        viewers = self.viewers.get(viewer.session_id)
+        if viewers is not None:
+            viewers.discard(viewer)
+            if not viewers:
+                self.viewers.pop(viewer.session_id, None)
+
     async def close_all(self, session_id: str, code: int, reason: str) -> None:
         for viewer in list(self.viewers.get(session_id, ())):
             await viewer.close(code, reason)
 
 
 async def relay(
-    viewer: ViewerConnection, registry: ViewerRegistry, guest_url: str, password: str
+    viewer: ViewerConnection,
+    registry: ViewerRegistry,
+    guest_url: str,
+    password: str,
+    max_viewers: int | None = None,
 ) -> None:
-    """Connect ``viewer`` (accepted already) to the guest and relay until either side ends."""
+    """Connect ``viewer`` (accepted already) to the guest and relay until either side ends.
+    With ``max_viewers``, the viewer is refused (4429) when its session has that many
+    already; the slot is taken before anything else happens, so the limit holds however
+    many viewers connect at once."""
     ws = viewer.ws
-    registry.viewers[viewer.session_id].add(viewer)
+    # no await before this: the check and the registration are one step
+    if not registry.reserve(viewer, max_viewers):
+        PROXY_CONNECTIONS_TOTAL.labels("too_many_viewers").inc()
+        await viewer.close(TOO_MANY_VIEWERS, f"this session has {max_viewers} viewers already")
+        return
     PROXY_CONNECTIONS.inc()
     try:
         try:
@@ -100,7 +170,10 @@ async def relay(
                 subprotocols=["binary"],  # type: ignore[list-item]
                 proxy=None,
                 open_timeout=10,
-                max_size=None,
+                max_size=MAX_GUEST_MESSAGE,
+                max_queue=MAX_GUEST_QUEUE,
+                compression=None,  # websockify never compresses; no inflating a guest's bomb
+                close_timeout=GUEST_CLOSE_SECONDS,
                 # the guest is on this host: a silent link is noticed within ~10 s (a
                 # cut network), and the viewer is told rather than left frozen
                 ping_interval=GUEST_PING_SECONDS,
@@ -112,37 +185,64 @@ async def relay(
             return
         async with upstream:
             guest = WebSocketStream(upstream, timeout=10)
-            viewer_stream = ViewerStream(ws)
             try:
-                await RFBClient(guest).authenticate(password)
-                await asyncio.wait_for(accept_without_auth(viewer_stream), HANDSHAKE_SECONDS)
-            except TimeoutError:
-                PROXY_CONNECTIONS_TOTAL.labels("handshake_failed").inc()
-                await viewer.close(1008, "the viewer did not finish the VNC handshake in time")
-                return
+                init = await _guest_handshake(guest, password)
             except ProbeError as exc:
                 PROXY_CONNECTIONS_TOTAL.labels("handshake_failed").inc()
                 await viewer.close(1011, f"VNC handshake failed: {exc.reason}"[:120])
                 return
+            viewer_stream = ViewerStream(ws)
+            try:
+                async with asyncio.timeout(HANDSHAKE_SECONDS):
+                    await accept_without_auth(viewer_stream)
+                    await viewer_stream.read_exactly(1)  # ClientInit: the guest's went already
+            except TimeoutError:
+                PROXY_CONNECTIONS_TOTAL.labels("handshake_failed").inc()
+                await viewer.close(1008, "the viewer did not finish the VNC handshake in time")
+                return
+            except ViewerMessageTooBig:
+                PROXY_CONNECTIONS_TOTAL.labels("viewer_too_big").inc()
+                await viewer.close(*VIEWER_TOO_BIG)
+                return
+            except ProbeError as exc:
+                PROXY_CONNECTIONS_TOTAL.labels("handshake_failed").inc()
+                await viewer.close(1008, f"VNC handshake failed: {exc.reason}"[:120])
+                return
             except WebSocketDisconnect:
                 return
             PROXY_CONNECTIONS_TOTAL.labels("relaying").inc()
+            await ws.send_bytes(init.encode())
             # bytes read past the handshake on either side go first
             if viewer_stream.buffer:
                 await upstream.send(bytes(viewer_stream.buffer))
             if guest.buffer:
                 await ws.send_bytes(bytes(guest.buffer))
             ended = await _pump(ws, upstream)
-            if ended == "guest" and viewer.closing is None:
-                await viewer.close(*GUEST_CLOSED)
-            elif ended == "guest-silent" and viewer.closing is None:
-                PROXY_CONNECTIONS_TOTAL.labels("guest_silent").inc()
-                await viewer.close(*GUEST_SILENT)
+            if viewer.closing is None and ended in GUEST_ENDINGS:
+                if ended != "guest":
+                    PROXY_CONNECTIONS_TOTAL.labels(ended.replace("-", "_")).inc()
+                await viewer.close(*GUEST_ENDINGS[ended])
+            elif ended == "viewer-too-big":
+                PROXY_CONNECTIONS_TOTAL.labels("viewer_too_big").inc()
+                await viewer.close(*VIEWER_TOO_BIG)
     finally:
         PROXY_CONNECTIONS.dec()
-        registry.viewers[viewer.session_id].discard(viewer)
-        if not registry.viewers[viewer.session_id]:
-            registry.viewers.pop(viewer.session_id, None)
+        registry.release(viewer)
+
+
+async def _guest_handshake(guest: WebSocketStream, password: str) -> ServerInit:
+    """Our side of the guest's handshake, through ServerInit: authenticate with the guest's
+    password, ClientInit (shared: a viewer never disconnects the others), and a ServerInit
+    within the bounds of ``rfb``, all within GUEST_HANDSHAKE_SECONDS."""
+    try:
+        async with asyncio.timeout(GUEST_HANDSHAKE_SECONDS):
+            await RFBClient(guest).authenticate(password)
+            await guest.write(b"\x01")
+            return await read_server_init(guest)
+    except TimeoutError as exc:
+        raise ProbeError(
+            f"the guest's VNC did not finish its handshake in {GUEST_HANDSHAKE_SECONDS:g} s"
+        ) from exc
 
 
 async def _pump(ws: WebSocket, upstream: ClientConnection) -> str:
@@ -153,7 +253,10 @@ async def _pump(ws: WebSocket, upstream: ClientConnection) -> str:
             message = await ws.receive()
             if message["type"] == "websocket.disconnect":
                 return "viewer"
-            data = message.get("bytes") or (message.get("text") or "").encode()
+            try:
+                data = viewer_bytes(message)
+            except ViewerMessageTooBig:
+                return "viewer-too-big"
             PROXY_BYTES.labels("to_guest").inc(len(data))
             try:
                 await upstream.send(data)
@@ -169,6 +272,8 @@ async def _pump(ws: WebSocket, upstream: ClientConnection) -> str:
         except ConnectionClosed as exc:
             if exc.sent is not None and "keepalive" in exc.sent.reason:
                 return "guest-silent"  # no answer to our pings: network cut, or frozen
+            if exc.sent is not None and exc.sent.code == MESSAGE_TOO_BIG:
+                return "guest-too-big"  # refused by max_size before it was read
         except WebSocketException:
             pass
         except (RuntimeError, OSError):  # the viewer went away while we were sending

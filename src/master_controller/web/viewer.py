@@ -23,7 +23,6 @@ from master_controller.web.deps import Services, check_session_id, services
 from master_controller.web.proxy import (
     SESSION_ENDED,
     SESSION_HIBERNATED,
-    TOO_MANY_VIEWERS,
     ViewerConnection,
     relay,
 )
@@ -170,12 +169,16 @@ async def viewer_socket(session_id: str, websocket: WebSocket) -> None:
     except MCError:
         await viewer.close(1011, "guest VNC unreachable")
         return
-    if svc.viewers.count(session_id) >= svc.settings.max_viewers:
-        limit = svc.settings.max_viewers
-        await viewer.close(TOO_MANY_VIEWERS, f"this session has {limit} viewers already")
-        return
     await svc.sessions.viewer_activity(session_id)
     try:
-        await relay(viewer, svc.viewers, url, guest.secrets.vnc_password)
+        # relay() takes the viewer's slot before its first await, so N viewers racing in
+        # cannot all pass a count checked here
+        await relay(
+            viewer,
+            svc.viewers,
+            url,
+            guest.secrets.vnc_password,
+            max_viewers=svc.settings.max_viewers,
+        )
     finally:
         await svc.sessions.viewer_activity(session_id)
