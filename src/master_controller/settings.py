@@ -176,12 +176,6 @@ class Settings(BaseSettings):
     egress_idle_timeout: float = Field(
         120.0, gt=0, description="Seconds an egress tunnel may stay silent before it is closed."
     )
-    qemu_user_base: int = Field(
-        0,
-        ge=0,
-        description="QEMU runs as an unprivileged host UID per guest (this base plus the "
-        "guest's lease); 0: the same per-guest UID range as container guests.",
-    )
 
     @classmethod
     def settings_customise_sources(

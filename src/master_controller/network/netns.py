@@ -52,7 +52,9 @@ def _link_index(ifname: str) -> int | None:
     return found[0] if found else None
 
 
-def create(link: GuestLink, lease: Lease, tap: str | None = None) -> None:
+def create(
+    link: GuestLink, lease: Lease, tap: str | None = None, tap_owner: int | None = None
+) -> None:
     """Create the namespace and veth pair and address both ends. Undoes itself on failure.
 
     With ``tap`` (VMs): the namespace's end is bridged with a tap device of that name
@@ -85,7 +87,9 @@ def create(link: GuestLink, lease: Lease, tap: str | None = None) -> None:
                 ns.addr("add", index=index, address=lease.guest_address, prefixlen=lease.prefixlen)
                 ns.route("add", dst="default", gateway=lease.host_address)
             else:
-                ns.link("add", ifname=tap, kind="tuntap", mode="tap")
+                # an unprivileged VMM (the jailed Firecracker) may attach only to its own tap
+                owner = {} if tap_owner is None else {"uid": tap_owner, "gid": tap_owner}
+                ns.link("add", ifname=tap, kind="tuntap", mode="tap", **owner)
                 ns.link("add", ifname=BRIDGE, kind="bridge")
                 bridge = ns.link_lookup(ifname=BRIDGE)[0]
                 for port in (GUEST_IFNAME, tap):
@@ -128,9 +132,11 @@ async def _to_the_end(function: Callable[..., None], *args: Any) -> None:
         raise
 
 
-async def acreate(link: GuestLink, lease: Lease, tap: str | None = None) -> None:
+async def acreate(
+    link: GuestLink, lease: Lease, tap: str | None = None, tap_owner: int | None = None
+) -> None:
     """:func:`create` from async code."""
-    await _to_the_end(create, link, lease, tap)
+    await _to_the_end(create, link, lease, tap, tap_owner)
 
 
 async def aremove(link: GuestLink) -> None:

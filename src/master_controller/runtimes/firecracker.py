@@ -5,6 +5,11 @@ system can, otherwise a sparse copy: Firecracker has no backing-file format), th
 MCCONFIG config drive as QEMU guests, and a network namespace in which Firecracker's tap
 is bridged with the veth to the host. The kernel is the image's uncompressed ``vmlinux``.
 
+Firecracker runs through its jailer (:mod:`.jailer`): in a chroot holding only the guest's
+kernel, initrd, disk, config drive, API socket and snapshots, as the guest's own
+unprivileged UID (:mod:`.vmm_user`), in the guest's network namespace, under Firecracker's
+own seccomp filters. The tap is owned by that UID so the jailed process may attach to it.
+
 Hibernate pauses the VM (``PATCH /vm``), writes a full snapshot (``PUT /snapshot/create``:
 device state plus a memory file) next to the disk and stops Firecracker; resume starts a
 new Firecracker process in the same namespace (the tap has the same name) and loads the
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import shutil
 import signal
 import time
@@ -53,7 +59,9 @@ from master_controller.runtimes.firecracker_api import (
     VmState,
 )
 from master_controller.runtimes.hosted import HostedRuntime, discard_failed_save
+from master_controller.runtimes.jailer import API_SOCKET, INITRD, KERNEL, Jail, jailer_for
 from master_controller.runtimes.kvm import kvm_probe
+from master_controller.runtimes.vmm_user import make_private, vmm_uid
 from master_controller.settings import Settings
 from master_controller.steps import StepLog
 from mc_agent.config import GuestConfig
@@ -62,6 +70,8 @@ TAP = "tap0"
 BOOT_ARGS = "console=ttyS0 reboot=k panic=1 root=/dev/vda rw quiet"
 SNAPSHOT_FILE = "vm.snapshot"
 MEMORY_FILE = "vm.memory"
+DISK = "disk.ext4"
+CONFIG_DRIVE = "config.img"
 
 
 def guest_mac(guest_id: str) -> str:
@@ -80,6 +90,10 @@ class FirecrackerRuntime(HostedRuntime):
         binary = shutil.which(settings.firecracker_binary)
         if binary is None:
             return ProbeResult(False, f"the {settings.firecracker_binary!r} binary is not on PATH")
+        if jailer_for(settings.firecracker_binary) is None:
+            return ProbeResult(
+                False, f"{binary} is installed but its jailer is not (beside it or on PATH)"
+            )
         if shutil.which("nft") is None or shutil.which("mkfs.ext4") is None:
             return ProbeResult(False, "nft and mkfs.ext4 are needed (nftables, e2fsprogs)")
         kvm = kvm_probe(settings)
@@ -95,16 +109,21 @@ class FirecrackerRuntime(HostedRuntime):
             raise GuestStartFailed(
                 "kernel", f"image {image.id} has no vmlinux; rebuild it with `image build`"
             )
+        make_private(folder)
+        jail = Jail.of(folder, config.guest_id, self.settings.firecracker_binary)
+        jail.make()
+        disk = jail.host(DISK)
         with steps.step("disk copy") as rec:
             started = time.monotonic()
             try:
-                run(["cp", "--reflink=auto", "--sparse=always", image.disk, folder / "disk.ext4"])
+                run(["cp", "--reflink=auto", "--sparse=always", image.disk, disk])
             except CommandError as exc:
                 raise GuestStartFailed("disk copy", exc.reason) from exc
-            rec.detail = f"{(folder / 'disk.ext4').stat().st_blocks * 512 / 2**20:.0f} MiB"
+            disk.chmod(0o600)
+            rec.detail = f"{disk.stat().st_blocks * 512 / 2**20:.0f} MiB"
             copy_seconds = round(time.monotonic() - started, 2)
         with steps.step("config drive"):
-            make_config_drive(config, folder)
+            make_config_drive(config, jail.host(CONFIG_DRIVE))
         return {
             "kernel": str(kernel),
             "initrd": str(image.path / "initrd.img"),
@@ -115,29 +134,42 @@ class FirecrackerRuntime(HostedRuntime):
         self.check_startable(guest)
         await self._launch(guest, steps or StepLog(), restore=False)
 
+    def jail(self, guest: GuestState) -> Jail:
+        return Jail.of(
+            self.guest_dir(guest.guest_id), guest.guest_id, self.settings.firecracker_binary
+        )
+
     async def _launch(self, guest: GuestState, steps: StepLog, restore: bool) -> None:
         folder = self.guest_dir(guest.guest_id)
-        socket = folder / "firecracker.sock"
+        jail = self.jail(guest)
+        uid = vmm_uid(int(guest.resources["lease"]))
         step = "network"
         try:
             async with AsyncExitStack() as undo:
                 with steps.step(step):
-                    link = await self.network_up(guest, undo, tap=TAP, reuse=restore)
+                    link = await self.network_up(guest, undo, tap=TAP, reuse=restore, tap_owner=uid)
                 step = "restore" if restore else "boot"
                 with steps.step(step):
-                    socket.unlink(missing_ok=True)
+                    jailer = jailer_for(self.settings.firecracker_binary)
+                    if jailer is None:
+                        raise GuestStartFailed(step, "Firecracker's jailer is not installed")
+                    make_private(folder)
+                    jail.make()
+                    jail.furnish(Path(guest.resources["kernel"]), Path(guest.resources["initrd"]))
+                    jail.reset()
+                    saved = [SNAPSHOT_FILE, MEMORY_FILE] if restore else []
+                    jail.hand_over(uid, [DISK, CONFIG_DRIVE, *saved])
+                    log = folder / "console.log"
                     if not restore:
-                        (folder / "console.log").unlink(missing_ok=True)
-                    argv = [self.settings.firecracker_binary, "--api-sock", str(socket)]
-                    process = spawn(
-                        ["ip", "netns", "exec", link.namespace, *argv], folder / "console.log"
-                    )
+                        log.unlink(missing_ok=True)
+                    os.close(os.open(log, os.O_WRONLY | os.O_CREAT, 0o600))
+                    process = spawn(jail.argv(jailer, uid, link.namespace_path), log)
                     undo.callback(process.signal, signal.SIGKILL)
-                    async with FirecrackerApi(socket) as api:
+                    async with FirecrackerApi(jail.host(API_SOCKET)) as api:
                         if restore:
-                            await self._load_snapshot(api, folder)
+                            await self._load_snapshot(api)
                         else:
-                            await self._configure_and_boot(api, guest, folder)
+                            await self._configure_and_boot(api, guest)
                     guest.resources["process"] = process.model_dump()
                 guest.status = GuestStatus.RUNNING
                 guest.reason = ""
@@ -146,9 +178,8 @@ class FirecrackerRuntime(HostedRuntime):
         except (MCError, OSError) as exc:
             raise self.start_failed(guest, step, exc) from exc
 
-    async def _configure_and_boot(
-        self, api: FirecrackerApi, guest: GuestState, folder: Path
-    ) -> None:
+    async def _configure_and_boot(self, api: FirecrackerApi, guest: GuestState) -> None:
+        """Configure and boot; every path is one inside the jail."""
         settings = self.settings
         await api.put(
             "machine-config",
@@ -157,21 +188,21 @@ class FirecrackerRuntime(HostedRuntime):
         await api.put(
             "boot-source",
             BootSource(
-                kernel_image_path=guest.resources["kernel"],
-                initrd_path=guest.resources["initrd"],
+                kernel_image_path=Jail.inside(KERNEL),
+                initrd_path=Jail.inside(INITRD),
                 boot_args=BOOT_ARGS,
             ),
         )
         for drive in (
             Drive(
                 drive_id="rootfs",
-                path_on_host=str(folder / "disk.ext4"),
+                path_on_host=Jail.inside(DISK),
                 is_root_device=True,
                 is_read_only=False,
             ),
             Drive(
                 drive_id="config",
-                path_on_host=str(folder / "config.img"),
+                path_on_host=Jail.inside(CONFIG_DRIVE),
                 is_root_device=False,
                 is_read_only=True,
             ),
@@ -185,12 +216,12 @@ class FirecrackerRuntime(HostedRuntime):
         )
         await api.put("actions", InstanceStart())
 
-    async def _load_snapshot(self, api: FirecrackerApi, folder: Path) -> None:
+    async def _load_snapshot(self, api: FirecrackerApi) -> None:
         await api.put(
             "snapshot/load",
             SnapshotLoad(
-                snapshot_path=str(folder / SNAPSHOT_FILE),
-                mem_backend=MemBackend(backend_path=str(folder / MEMORY_FILE)),
+                snapshot_path=Jail.inside(SNAPSHOT_FILE),
+                mem_backend=MemBackend(backend_path=Jail.inside(MEMORY_FILE)),
                 resume_vm=True,
             ),
         )
@@ -208,28 +239,30 @@ class FirecrackerRuntime(HostedRuntime):
         stays, so the restored VM finds its tap under the same name."""
         if self.status(guest) != GuestStatus.RUNNING:
             raise GuestStateError(f"guest {guest.guest_id} is {guest.status}, not running")
-        folder = self.guest_dir(guest.guest_id)
+        jail = self.jail(guest)
         started = time.monotonic()
-        async with FirecrackerApi(folder / "firecracker.sock", timeout=300) as api:
+        async with FirecrackerApi(jail.host(API_SOCKET), timeout=300) as api:
             await api.patch("vm", VmState(state="Paused"))
             try:
                 await api.put(
                     "snapshot/create",
                     SnapshotCreate(
-                        snapshot_path=str(folder / SNAPSHOT_FILE),
-                        mem_file_path=str(folder / MEMORY_FILE),
+                        snapshot_path=Jail.inside(SNAPSHOT_FILE),
+                        mem_file_path=Jail.inside(MEMORY_FILE),
                     ),
                 )
             except GuestError as exc:
-                failed = discard_failed_save(folder, exc, [SNAPSHOT_FILE, MEMORY_FILE])
+                failed = discard_failed_save(jail.root, exc, [SNAPSHOT_FILE, MEMORY_FILE])
                 await api.patch("vm", VmState(state="Resumed"))
                 raise failed from exc
         process = ProcessRef.model_validate(guest.resources.pop("process"))
         process.signal(signal.SIGKILL)
         await process.wait(5)
+        for name in (SNAPSHOT_FILE, MEMORY_FILE):
+            jail.host(name).chmod(0o600)
         guest.resources["snapshot"] = {
-            "file": str(folder / SNAPSHOT_FILE),
-            "bytes": sum((folder / f).stat().st_size for f in (SNAPSHOT_FILE, MEMORY_FILE)),
+            "file": str(jail.host(SNAPSHOT_FILE)),
+            "bytes": sum(jail.host(f).stat().st_size for f in (SNAPSHOT_FILE, MEMORY_FILE)),
             "seconds": round(time.monotonic() - started, 2),
         }
         guest.status = GuestStatus.HIBERNATED
@@ -239,9 +272,9 @@ class FirecrackerRuntime(HostedRuntime):
         if guest.status != GuestStatus.HIBERNATED:
             raise GuestStateError(f"guest {guest.guest_id} is {guest.status}, not hibernated")
         await self._launch(guest, steps or StepLog(), restore=True)
-        folder = self.guest_dir(guest.guest_id)
+        jail = self.jail(guest)
         for name in (SNAPSHOT_FILE, MEMORY_FILE):
-            (folder / name).unlink(missing_ok=True)
+            jail.host(name).unlink(missing_ok=True)
         guest.resources.pop("snapshot", None)
         self.save(guest)
 
@@ -254,7 +287,7 @@ class FirecrackerRuntime(HostedRuntime):
         if data:
             process = ProcessRef.model_validate(data)
             if graceful and process.alive():
-                socket = self.guest_dir(guest.guest_id) / "firecracker.sock"
+                socket = self.jail(guest).host(API_SOCKET)
                 with contextlib.suppress(GuestError):
                     async with FirecrackerApi(socket, timeout=2) as api:
                         await api.put("actions", SendCtrlAltDel())

@@ -110,7 +110,12 @@ class HostedRuntime(Runtime):
             raise GuestStateError(f"guest {guest.guest_id} is {guest.status}, cannot start")
 
     async def network_up(
-        self, guest: GuestState, undo: AsyncExitStack, tap: str | None = None, reuse: bool = False
+        self,
+        guest: GuestState,
+        undo: AsyncExitStack,
+        tap: str | None = None,
+        reuse: bool = False,
+        tap_owner: int | None = None,
     ) -> GuestLink:
         """The guest's isolated network, removed by ``undo`` if the start fails later. A
         network left by a guest that died is replaced (found by its recorded ids only);
@@ -123,7 +128,7 @@ class HostedRuntime(Runtime):
             await netns.aremove(link)
         undo.push_async_callback(netns.aremove, link)  # first: a cancelled create is undone
         if not exists or not reuse:
-            await netns.acreate(link, lease, tap=tap)
+            await netns.acreate(link, lease, tap=tap, tap_owner=tap_owner)
         return link
 
     def link(self, guest: GuestState) -> GuestLink:

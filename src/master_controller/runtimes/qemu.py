@@ -5,8 +5,16 @@ ext4 config drive labelled MCCONFIG carrying guest.json, and a network namespace
 the VM's tap device is bridged with the veth to the host. QEMU runs in that namespace, in a
 session of its own, with its QMP socket in the guest's folder.
 
+QEMU is not trusted with the host: it runs as the guest's own unprivileged UID
+(:mod:`.vmm_user`), with no capabilities and no_new_privs, under its seccomp sandbox
+(``-sandbox on`` denying obsolete calls, set*id, fork/exec and resource control), and it
+opens no host path of the guest's: :mod:`.vmm_exec` opens the disks, config drive, kernel,
+console log, QMP socket and tap as root and hands them over as descriptors. The guest's
+folder stays 0700 root with every file 0600.
+
 Hibernate pauses the VM and migrates its memory and device state to a file next to the disk
-overlay (QMP), then stops QEMU; resume starts QEMU with ``-incoming`` from that file.
+overlay (QMP, through a descriptor we open 0600), then stops QEMU; resume starts QEMU with
+``-incoming fd:N`` reading that file (``exec:`` would need the fork the sandbox denies).
 
 Acceleration: KVM where a probe boot has shown it works (:mod:`.kvm`), TCG otherwise. The
 choice is recorded per guest, so a hibernated guest resumes with the accelerator it was
@@ -18,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shlex
 import shutil
 import signal
 import time
@@ -44,8 +51,10 @@ from master_controller.runtimes.base import (
 )
 from master_controller.runtimes.config_drive import make_config_drive
 from master_controller.runtimes.hosted import HostedRuntime, discard_failed_save
-from master_controller.runtimes.kvm import QEMU, kvm_probe
+from master_controller.runtimes.kvm import QEMU, SANDBOX, kvm_groups, kvm_probe
 from master_controller.runtimes.qmp import Qmp
+from master_controller.runtimes.vmm_exec import VmmLaunch
+from master_controller.runtimes.vmm_user import make_private, vmm_uid
 from master_controller.settings import Settings
 from master_controller.steps import StepLog
 from mc_agent.config import GuestConfig
@@ -76,13 +85,15 @@ class QemuRuntime(HostedRuntime):
     def prepare(
         self, folder: Path, image: ImageInfo, config: GuestConfig, steps: StepLog
     ) -> dict[str, Any]:
+        make_private(folder)
         with steps.step("disk layer"):
             _make_overlay(image.disk, folder / "disk.qcow2")
         with steps.step("config drive"):
-            make_config_drive(config, folder)
+            make_config_drive(config, folder / "config.img")
         return {
             "kernel": str(image.path / "vmlinuz"),
             "initrd": str(image.path / "initrd.img"),
+            "backing": str(image.disk),
             "accel": "kvm" if kvm_probe(self.settings).usable else "tcg",
         }
 
@@ -100,18 +111,18 @@ class QemuRuntime(HostedRuntime):
                     link = await self.network_up(guest, undo, tap=TAP, reuse=incoming is not None)
                 step = "boot" if incoming is None else "restore"
                 with steps.step(step):
-                    argv = self._argv(guest, folder)
-                    if incoming is not None:
-                        argv += ["-incoming", f"exec:cat {shlex.quote(str(incoming))}"]
-                    else:
-                        (folder / "console.log").unlink(missing_ok=True)
-                    process = spawn(
-                        ["ip", "netns", "exec", link.namespace, *argv], folder / "qemu.log"
-                    )
+                    make_private(folder)
+                    # the plain guest.json an older version left beside its config drive
+                    shutil.rmtree(folder / "config", ignore_errors=True)
+                    launch = self.vmm_launch(guest)
+                    argv = self._argv(guest, folder, launch, incoming)
+                    log = folder / "qemu.log"
+                    os.close(os.open(log, os.O_WRONLY | os.O_CREAT, 0o600))
+                    process = spawn(["ip", "netns", "exec", link.namespace, *argv], log)
                     undo.callback(process.signal, signal.SIGKILL)
                     if await process.wait(0.5):
-                        log = (folder / "qemu.log").read_text(errors="replace")[-500:]
-                        raise GuestStartFailed(step, f"QEMU exited at once: {log}")
+                        tail = log.read_text(errors="replace")[-500:]
+                        raise GuestStartFailed(step, f"QEMU exited at once: {tail}")
                     guest.resources["process"] = process.model_dump()
                     if incoming is not None:
                         await self._continue_after_restore(folder)
@@ -122,26 +133,64 @@ class QemuRuntime(HostedRuntime):
         except (MCError, OSError) as exc:
             raise self.start_failed(guest, step, exc) from exc
 
-    def _argv(self, guest: GuestState, folder: Path) -> list[str]:
+    def vmm_launch(self, guest: GuestState) -> VmmLaunch:
+        """Who the guest's QEMU runs as: its own UID and GID, no groups but /dev/kvm's."""
+        uid = vmm_uid(int(guest.resources["lease"]))
+        kvm = guest.resources.get("accel") == "kvm"
+        return VmmLaunch(uid=uid, gid=uid, groups=(kvm_groups() or []) if kvm else [])
+
+    def _argv(
+        self, guest: GuestState, folder: Path, launch: VmmLaunch, incoming: Path | None
+    ) -> list[str]:
+        """QEMU's command line through ``launch``: every host file is a descriptor that
+        ``launch`` opens (``/dev/fdset/N`` for block and chardev files, whose access mode
+        QEMU checks; ``/proc/self/fd/N`` for the kernel and initrd, which it reads by name)."""
         accel = guest.resources.get("accel", "tcg")
-        return [
-            QEMU,
+        for boot_file in (guest.resources["kernel"], guest.resources["initrd"]):
+            if not os.stat(boot_file).st_mode & 0o004:
+                raise GuestStartFailed(
+                    "boot", f"{boot_file} must be readable by all (QEMU reopens it unprivileged)"
+                )
+        console = launch.fd("append" if incoming else "new", folder / "console.log")
+        disk = launch.fd("rdwr", folder / "disk.qcow2")
+        backing = launch.fd("read", guest.resources.get("backing") or _backing_of(guest))
+        config = launch.fd("read", folder / "config.img")
+        qmp = launch.fd("listen", folder / "qmp.sock")
+        argv = [
+            shutil.which(QEMU) or QEMU,
             "-name", f"mc-{guest.guest_id[:40]}",
+            "-sandbox", SANDBOX,
             "-machine", f"q35,accel={accel}",
             "-cpu", "host" if accel == "kvm" else "max",
             "-smp", str(self.settings.vm_cpus),
             "-m", str(self.settings.vm_memory_mib),
             "-nodefaults", "-no-user-config", "-display", "none",
-            "-serial", f"file:{folder / 'console.log'}",
-            "-kernel", guest.resources["kernel"],
-            "-initrd", guest.resources["initrd"],
+            "-add-fd", f"fd={console},set=1",
+            "-chardev", "file,id=console,path=/dev/fdset/1,append=on",
+            "-serial", "chardev:console",
+            "-kernel", f"/proc/self/fd/{launch.fd('read', guest.resources['kernel'])}",
+            "-initrd", f"/proc/self/fd/{launch.fd('read', guest.resources['initrd'])}",
             "-append", "root=/dev/vda rw console=ttyS0 quiet",
-            "-drive", f"file={folder / 'disk.qcow2'},if=virtio,format=qcow2",
-            "-drive", f"file={folder / 'config.img'},if=virtio,format=raw,readonly=on",
-            "-netdev", f"tap,id=net0,ifname={TAP},script=no,downscript=no",
+            "-add-fd", f"fd={disk},set=2",
+            "-add-fd", f"fd={backing},set=3",
+            "-add-fd", f"fd={config},set=4",
+            # the overlay's backing file is named here, so QEMU never opens the image by path
+            "-blockdev", "driver=file,node-name=base-file,filename=/dev/fdset/3,read-only=on",
+            "-blockdev", "driver=raw,node-name=base,file=base-file,read-only=on",
+            "-blockdev", "driver=file,node-name=disk-file,filename=/dev/fdset/2",
+            "-blockdev", "driver=qcow2,node-name=disk,file=disk-file,backing=base",
+            "-device", "virtio-blk-pci,drive=disk",
+            "-blockdev", "driver=file,node-name=config-file,filename=/dev/fdset/4,read-only=on",
+            "-blockdev", "driver=raw,node-name=config,file=config-file,read-only=on",
+            "-device", "virtio-blk-pci,drive=config",
+            "-netdev", f"tap,id=net0,fd={launch.fd('tap', TAP)}",
             "-device", "virtio-net-pci,netdev=net0",
-            "-qmp", f"unix:{folder / 'qmp.sock'},server=on,wait=off",
+            "-chardev", f"socket,id=qmp,fd={qmp},server=on,wait=off",
+            "-mon", "chardev=qmp,mode=control",
         ]  # fmt: skip
+        if incoming is not None:
+            argv += ["-incoming", f"fd:{launch.fd('read', incoming)}"]
+        return launch.argv(argv)
 
     async def stop(self, guest: GuestState) -> None:
         await self._shutdown(guest)
@@ -185,6 +234,7 @@ class QemuRuntime(HostedRuntime):
         await qmp.command("migrate-set-parameters", **{"max-bandwidth": 8 * 2**30})
         fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
+            os.fchmod(fd, 0o600)
             await qmp.send_fd(fd, "snapshot")
         finally:
             os.close(fd)
@@ -232,3 +282,10 @@ def _make_overlay(backing: Path, overlay: Path) -> None:
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", "raw", overlay])
     except CommandError as exc:
         raise GuestStartFailed("disk layer", exc.reason) from exc
+    overlay.chmod(0o600)
+
+
+def _backing_of(guest: GuestState) -> str:
+    """The image disk under a guest created before ``backing`` was recorded: the one its
+    kernel came with."""
+    return str(Path(guest.resources["kernel"]).with_name("disk.ext4"))
