@@ -55,7 +55,7 @@ def ctl(golden_image: str, integration_settings: Settings, tmp_path: Path) -> It
         tmp_path,
         runtime="qemu",
         guest_network=NETWORK,
-        boot_timeout="300",
+        boot_timeout="900",
     ) as running:
         yield running
 
@@ -88,7 +88,7 @@ def test_qemu_session_hibernates_and_resumes_with_its_page(
     assert started.status_code == 201, started.text
     session_id = started.json()["sessionId"]
     try:
-        body = ctl.wait_for(session_id, {"ready", "failed"}, timeout=300)
+        body = ctl.wait_for(session_id, {"ready", "failed"}, timeout=900)
         assert body["status"] == "ready", body
         assert body["runtime"] == "qemu"
         first = ctl.frame(session_id)
