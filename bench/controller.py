@@ -25,10 +25,10 @@ from bench import save, summary
 from master_controller.images.builder import ImageBuilder
 from master_controller.images.recipe import Recipe
 from master_controller.images.store import ImageStore
-from master_controller.images.verify import Verifier
-from master_controller.readiness import rfb_over_websocket
 from master_controller.runtimes.container import ContainerRuntime
 from master_controller.settings import Settings
+from master_controller.verification import Verifier
+from master_controller.viewing.guest_socket import rfb_over_websocket
 from tests.servers import Controller, controller
 
 RESULTS = Path(__file__).parent / "results" / "controller.json"

@@ -22,11 +22,11 @@ from typing import Any
 from bench import save
 from bench.controller import ensure_image
 from master_controller.images.store import ImageStore
-from master_controller.readiness import non_blank_frame, poll
 from master_controller.runtimes import RUNTIMES
 from master_controller.runtimes.base import GuestSecrets, Runtime
 from master_controller.runtimes.kvm import kvm_probe
 from master_controller.settings import Settings
+from master_controller.viewing.readiness import non_blank_frame, poll
 
 RESULTS = Path(__file__).parent / "results" / "hibernate.json"
 PASSWORD = "benchhib"

@@ -21,10 +21,10 @@ from bench import save, summary
 from master_controller.images.builder import ImageBuilder
 from master_controller.images.recipe import Recipe
 from master_controller.images.store import ImageStore
-from master_controller.readiness import non_blank_frame, poll, websocket_upgrade
 from master_controller.runtimes.base import GuestSecrets
 from master_controller.runtimes.container import ContainerRuntime
 from master_controller.settings import REPO_ROOT, Settings
+from master_controller.viewing.readiness import non_blank_frame, poll, websocket_upgrade
 
 RESULTS = Path(__file__).parent / "results" / "images.json"
 

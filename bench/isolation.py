@@ -25,13 +25,13 @@ from typing import Any
 from bench import save, summary
 from bench.controller import ensure_image
 from master_controller.images.store import ImageStore
-from master_controller.readiness import non_blank_frame, poll
 from master_controller.runtimes import cgroups, idmap
 from master_controller.runtimes.base import GuestSecrets
 from master_controller.runtimes.container import ContainerRuntime
 from master_controller.runtimes.disklayer import DiskLayer
 from master_controller.settings import Settings
 from master_controller.steps import StepLog
+from master_controller.viewing.readiness import non_blank_frame, poll
 
 RESULTS = Path(__file__).parent / "results" / "container-isolation.json"
 PASSWORD = "benchiso"

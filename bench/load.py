@@ -23,8 +23,8 @@ from typing import Any
 
 from bench import save, summary
 from bench.controller import cpu_seconds, ensure_image
-from master_controller.readiness import rfb_over_websocket
 from master_controller.settings import Settings
+from master_controller.viewing.guest_socket import rfb_over_websocket
 from tests.servers import Controller, controller
 
 RESULTS = Path(__file__).parent / "results"

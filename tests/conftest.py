@@ -14,10 +14,10 @@ import pytest
 from master_controller.images.builder import ImageBuilder
 from master_controller.images.recipe import Recipe
 from master_controller.images.store import ImageStore
-from master_controller.images.verify import Verifier
 from master_controller.runtimes import RUNTIMES
 from master_controller.runtimes.container import ContainerRuntime
 from master_controller.settings import REPO_ROOT, Settings
+from master_controller.verification import Verifier
 from tests.servers import have_postgresql, postgresql_database, postgresql_server
 
 IN_CI = os.environ.get("CI") == "true"

@@ -18,10 +18,10 @@ from typing import Any
 
 import httpx
 
-from master_controller.readiness import non_blank_frame
-from master_controller.rfb import Frame
 from master_controller.runtimes.base import Runtime
-from master_controller.sessions.manager import VIEWER_COOKIE
+from master_controller.viewing.readiness import non_blank_frame
+from master_controller.viewing.rfb import Frame
+from master_controller.web.paths import VIEWER_COOKIE
 
 PG_SOCKET_DIR = "/var/run/postgresql"
 

@@ -31,3 +31,97 @@ def test_mypy_strict() -> None:
         [sys.executable, "-m", "mypy"], cwd=REPO_ROOT, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- the layering: imports only point down ---------------------------------------------------
+
+# Top-level modules and packages of master_controller, bottom layer first. A module may
+# import from its own layer's other members (as long as no cycle forms) and from any layer
+# below; never from above. A new top-level module must be placed here.
+LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
+    (
+        "ground floor",
+        frozenset(
+            {"__init__", "settings", "errors", "commands", "process", "steps", "digests"}
+            | {"diskspace", "metrics"}
+        ),
+    ),
+    ("store", frozenset({"store"})),
+    ("below the runtimes", frozenset({"images", "network", "vault", "credentials", "auth"})),
+    ("runtimes", frozenset({"runtimes"})),
+    ("talking to guests", frozenset({"agent_client", "viewing"})),
+    ("sessions", frozenset({"sessions", "verification"})),
+    ("web", frozenset({"web"})),
+    ("command line", frozenset({"cli"})),
+)
+
+
+def _imports() -> dict[str, set[tuple[str, str]]]:
+    """Each top-level unit of master_controller -> the (unit, file) pairs it imports."""
+    import ast
+    from collections import defaultdict
+
+    package = REPO_ROOT / "src" / "master_controller"
+    found: dict[str, set[tuple[str, str]]] = defaultdict(set)
+    for path in package.rglob("*.py"):
+        relative = path.relative_to(package)
+        unit = relative.parts[0].removesuffix(".py") if len(relative.parts) else "__init__"
+        names: list[str] = []
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module == "master_controller":
+                    names += [f"master_controller.{a.name}" for a in node.names]
+                else:
+                    names.append(node.module)
+            elif isinstance(node, ast.Import):
+                names += [a.name for a in node.names]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "master_controller" and len(parts) > 1:
+                target = parts[1] if parts[1] != "__version__" else "__init__"
+                if target != unit:
+                    found[unit].add((target, str(relative)))
+            if parts[0] == "master_controller" and len(parts) == 1:
+                found[unit].add(("__init__", str(relative)))
+        found.setdefault(unit, set())
+    return found
+
+
+def test_imports_only_point_down() -> None:
+    rank = {unit: i for i, (_, units) in enumerate(LAYERS) for unit in units}
+    imports = _imports()
+    unplaced = sorted(set(imports) - set(rank))
+    assert not unplaced, f"place these in LAYERS: {unplaced}"
+    upward = [
+        f"{where} ({LAYERS[rank[unit]][0]}) imports {target} ({LAYERS[rank[target]][0]})"
+        for unit, targets in imports.items()
+        for target, where in targets
+        if rank[target] > rank[unit]
+    ]
+    assert not upward, "\n".join(sorted(upward))
+
+
+def test_no_import_cycles_between_units() -> None:
+    graph = {unit: {t for t, _ in targets} for unit, targets in _imports().items()}
+    done: set[str] = set()
+
+    def visit(unit: str, path: tuple[str, ...]) -> None:
+        assert unit not in path, "import cycle: " + " -> ".join((*path, unit))
+        if unit in done:
+            return
+        for target in graph.get(unit, ()):
+            visit(target, (*path, unit))
+        done.add(unit)
+
+    for unit in graph:
+        visit(unit, ())
+
+
+def test_the_guest_agent_never_imports_the_controller() -> None:
+    agent = REPO_ROOT / "src" / "mc_agent"
+    offending = [
+        str(p.relative_to(agent))
+        for p in agent.rglob("*.py")
+        if "master_controller" in p.read_text()
+    ]
+    assert not offending, offending

@@ -48,9 +48,28 @@ class TicketUsed(Unauthorized):
 
 @dataclass(frozen=True)
 class Caller:
+    """An authenticated API key, and the one authorization policy: a key acts on the
+    sessions and credentials its own sessions made; ``admin`` reaches every key's and
+    implies every scope except ``export`` (decrypted credentials are asked for by name)."""
+
     key_id: str
     name: str
     scopes: frozenset[str]
+
+    @property
+    def admin(self) -> bool:
+        return "admin" in self.scopes
+
+    def has(self, scope: str) -> bool:
+        return scope in self.scopes or (self.admin and scope != "export")
+
+    def require(self, scope: str) -> None:
+        if not self.has(scope):
+            raise Forbidden(f"this API key lacks the {scope!r} scope")
+
+    def owns(self, api_key_id: str | None) -> bool:
+        """Whether this key may act on what the key ``api_key_id`` made."""
+        return self.admin or api_key_id == self.key_id
 
 
 def hash_key(key: str) -> str:

@@ -22,7 +22,6 @@ from master_controller.errors import MCError
 from master_controller.images.builder import ImageBuilder, prune_layers
 from master_controller.images.recipe import Recipe
 from master_controller.images.store import ImageStore
-from master_controller.images.verify import Verifier
 from master_controller.runtimes import RUNTIMES, best_runtime, get_runtime, probe_all
 from master_controller.runtimes.base import Runtime
 from master_controller.runtimes.kvm import kvm_probe
@@ -30,6 +29,7 @@ from master_controller.settings import Settings, get_settings
 from master_controller.steps import StepLog
 from master_controller.store import repo
 from master_controller.store.database import Database
+from master_controller.verification import Verifier
 
 T = TypeVar("T")
 
@@ -264,8 +264,8 @@ def serve(
     umask, see ImageBuilder.build), and viewer tickets are redacted from every log line."""
     import uvicorn
 
+    from master_controller.viewing.relay import MAX_VIEWER_MESSAGE
     from master_controller.web.app import UMASK, create_app, log_config, protect_data_dir
-    from master_controller.web.proxy import MAX_VIEWER_MESSAGE
 
     os.umask(UMASK)
     # every guest's egress tunnels and viewers hold descriptors; the egress proxy's total

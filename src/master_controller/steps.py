@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, TextIO
@@ -34,6 +34,10 @@ class StepRecord:
             "ok": self.ok,
             "detail": self.detail,
         }
+
+
+# where an async caller sends each finished step (a session's events, say)
+StepSink = Callable[["StepRecord"], Awaitable[None]]
 
 
 @dataclass

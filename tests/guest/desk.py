@@ -19,10 +19,11 @@ from typing import Any
 import httpx
 
 from master_controller.errors import ProbeError
-from master_controller.readiness import agent_health, poll, rfb_over_websocket
-from master_controller.rfb import Frame
 from master_controller.runtimes.base import GuestSecrets, GuestState
 from master_controller.runtimes.container import ContainerRuntime
+from master_controller.viewing.guest_socket import rfb_over_websocket
+from master_controller.viewing.readiness import agent_health, poll
+from master_controller.viewing.rfb import Frame
 
 USER = "browser"
 # the toolbar and tab strip of a maximized Chromium at 1280x800 end above this row

@@ -13,11 +13,11 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from master_controller.agent_client import GuestAgent
 from master_controller.errors import ProbeError
-from master_controller.readiness import agent_health, non_blank_frame, poll
 from master_controller.runtimes.base import GuestSecrets
 from master_controller.runtimes.container import ContainerRuntime
-from master_controller.sessions.agent import GuestAgent
+from master_controller.viewing.readiness import agent_health, non_blank_frame, poll
 from mc_agent.providers import get
 
 pytestmark = pytest.mark.integration

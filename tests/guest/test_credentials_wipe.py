@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import pytest
 
 from master_controller.errors import ProbeError
-from master_controller.readiness import agent_health, poll
 from master_controller.runtimes.container import ContainerRuntime
 from master_controller.settings import Settings
+from master_controller.viewing.readiness import agent_health, poll
 from tests.guest.desk import Desk, booted_guest, until
 
 pytestmark = pytest.mark.integration

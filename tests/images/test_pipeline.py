@@ -14,9 +14,9 @@ from master_controller.errors import BuildError, PromotionRefused, StorageFull
 from master_controller.images.builder import ImageBuilder
 from master_controller.images.recipe import Recipe
 from master_controller.images.store import ImageStore
-from master_controller.images.verify import Verifier
 from master_controller.runtimes.container import ContainerRuntime
 from master_controller.settings import Settings
+from master_controller.verification import Verifier
 from tests.conftest import RECIPES
 from tests.filesystems import tmpfs
 

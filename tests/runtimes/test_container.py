@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 
 from master_controller.errors import GuestStartFailed, GuestStateError, ProbeError
-from master_controller.readiness import (
+from master_controller.runtimes import cgroups, disklayer, idmap
+from master_controller.runtimes.base import GuestSecrets, GuestStatus
+from master_controller.runtimes.container import ContainerRuntime, image_view
+from master_controller.viewing.readiness import (
     non_blank_frame,
     poll,
     rfb_over_websocket,
     websocket_upgrade,
 )
-from master_controller.runtimes import cgroups, disklayer, idmap
-from master_controller.runtimes.base import GuestSecrets, GuestStatus
-from master_controller.runtimes.container import ContainerRuntime, image_view
 from tests.runtimes.leaks import HostSnapshot, wait_until_back
 
 pytestmark = pytest.mark.integration

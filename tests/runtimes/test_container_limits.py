@@ -20,11 +20,11 @@ import pytest
 
 from master_controller.diskspace import free_bytes
 from master_controller.errors import GuestStartFailed
-from master_controller.readiness import poll, websocket_upgrade
 from master_controller.runtimes import cgroups, disklayer
 from master_controller.runtimes.base import GuestSecrets, GuestState, GuestStatus
 from master_controller.runtimes.container import ContainerRuntime
 from master_controller.settings import Settings
+from master_controller.viewing.readiness import poll, websocket_upgrade
 from tests.runtimes.test_container import processes_in
 
 pytestmark = pytest.mark.integration

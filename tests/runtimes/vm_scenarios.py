@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 
 from master_controller.errors import ProbeError
-from master_controller.readiness import agent_health, non_blank_frame, poll
 from master_controller.runtimes.base import GuestSecrets, GuestState, GuestStatus, Runtime
 from master_controller.runtimes.hosted import HostedRuntime
+from master_controller.viewing.readiness import agent_health, non_blank_frame, poll
 from tests.runtimes.leaks import HostSnapshot
 
 # TCG: software emulation boots in about a minute on an idle host, but took ten on a

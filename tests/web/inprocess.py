@@ -50,9 +50,6 @@ class NoGuestRuntime(RuntimeBase):
     async def start(self, guest: GuestState, steps: StepLog | None = None) -> None:
         raise GuestStartFailed("boot", "this runtime starts no guests")
 
-    async def stop(self, guest: GuestState) -> None:
-        raise GuestStateError("this runtime has no guests")
-
     async def destroy(self, guest: GuestState) -> None:
         return None
 

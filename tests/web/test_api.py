@@ -16,8 +16,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from master_controller.readiness import non_blank_frame
 from master_controller.settings import Settings
+from master_controller.viewing.readiness import non_blank_frame
 from tests.runtimes.leaks import HostSnapshot
 from tests.servers import Controller, controller
 

@@ -23,11 +23,11 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from master_controller.readiness import MAX_GUEST_MESSAGE
+from master_controller.agent_client import CALL_SECONDS, MAX_RESPONSE_BYTES
 from master_controller.runtimes.container import ContainerRuntime
-from master_controller.sessions.agent import CALL_SECONDS, MAX_RESPONSE_BYTES
 from master_controller.settings import Settings
-from master_controller.web.proxy import GUEST_TOO_BIG
+from master_controller.viewing.guest_socket import MAX_GUEST_MESSAGE
+from master_controller.viewing.relay import GUEST_TOO_BIG
 from tests.servers import Controller, controller
 from tests.sessions import hostile
 

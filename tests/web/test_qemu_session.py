@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from master_controller.rfb import Frame
+from master_controller.agent_client import GuestAgent
 from master_controller.runtimes.qemu import STATE_FILE, QemuRuntime
-from master_controller.sessions.agent import GuestAgent
 from master_controller.settings import Settings
+from master_controller.viewing.rfb import Frame
 from tests.filesystems import tmpfs
 from tests.runtimes.leaks import HostSnapshot
 from tests.servers import Controller, controller, same_share

@@ -23,6 +23,7 @@ from master_controller.settings import Settings
 from master_controller.store import repo
 from master_controller.store.database import Database
 from master_controller.store.models import SessionRow, utcnow
+from master_controller.web.api import viewer_url
 from master_controller.web.deps import Services
 from tests.web.inprocess import NoGuestRuntime, app_settings, serving
 
@@ -51,7 +52,7 @@ async def _session(app: Any, state: str = "ready") -> str:
 def _link(app: Any, base: str, sid: str) -> str:
     """A viewer link as the API hands it out (novncURL), on the test server's address."""
     svc: Services = app.state.services
-    return base + svc.sessions.viewer_url(sid).removeprefix(svc.settings.base_url)
+    return base + viewer_url(svc, sid).removeprefix(svc.settings.base_url)
 
 
 async def _open(url: str, cookies: dict[str, str] | None = None) -> httpx.Response:

@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
+from master_controller.commands import run
 from master_controller.digests import file_digest, json_digest, tree_digest
 from master_controller.diskspace import REMEDY, full_reason, is_full_error, require_free
 from master_controller.errors import BuildError, CommandError, MCError
@@ -36,7 +37,6 @@ from master_controller.images.kernel import extract_vmlinux
 from master_controller.images.recipe import Recipe, agent_files
 from master_controller.images.store import MANIFEST, ImageStore, write_json_atomic
 from master_controller.images.units import exec_start, is_enabled, parse_unit
-from master_controller.proc import run
 from master_controller.settings import Settings
 from master_controller.steps import StepLog
 

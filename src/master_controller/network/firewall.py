@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import shutil
 
+from master_controller.commands import run
 from master_controller.errors import CommandError, NetworkError
-from master_controller.proc import run
 
 TABLE = "master_controller"
 GUEST_LINKS = "mcv*"

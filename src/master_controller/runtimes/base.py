@@ -1,8 +1,8 @@
 """The one interface every guest runtime implements (container, qemu, firecracker).
 
 Modelled on JupyterHub's Spawner: the controller asks a runtime to ``create`` a guest from
-an image, ``start`` it, asks for its ``status`` and ``endpoint``, and ``stop``s,
-``hibernate``s, ``resume``s or ``destroy``s it. A guest's whole state is a
+an image, ``start`` it, asks for its ``status``, ``endpoint`` and what to show of it
+(``describe``), and ``hibernate``s, ``resume``s or ``destroy``s it. A guest's whole state is a
 :class:`GuestState`, saved as JSON in the guest's folder after every change, so a restarted
 controller can :meth:`Runtime.load` it and carry on (or clean up) from recorded ids alone.
 
@@ -115,6 +115,14 @@ class Endpoint:
         return f"http://{self.address}:{self.agent_port}"
 
 
+@dataclass(frozen=True)
+class GuestFacts:
+    """What may be shown of a guest outside the controller."""
+
+    status: GuestStatus
+    snapshot_bytes: int | None = None
+
+
 class GuestSecrets(BaseModel):
     """Per-guest secrets handed to the guest through its configuration."""
 
@@ -165,10 +173,6 @@ class Runtime(ABC):
         readiness of the services inside is for the caller to check."""
 
     @abstractmethod
-    async def stop(self, guest: GuestState) -> None:
-        """Shut the guest down (orderly, then forced); keep its disk and address."""
-
-    @abstractmethod
     async def destroy(self, guest: GuestState) -> None:
         """Release everything the guest holds. Idempotent."""
 
@@ -185,6 +189,12 @@ class Runtime(ABC):
     @abstractmethod
     def status(self, guest: GuestState) -> GuestStatus:
         """The guest's status as the host sees it now (a running guest may be found dead)."""
+
+    def describe(self, guest: GuestState) -> GuestFacts:
+        """What the API shows of a guest: its status, and its snapshot's size once saved."""
+        snapshot = guest.resources.get("snapshot") or {}
+        size = snapshot.get("bytes") if isinstance(snapshot, dict) else None
+        return GuestFacts(self.status(guest), size if isinstance(size, int) else None)
 
     def endpoint(self, guest: GuestState) -> Endpoint:
         if guest.address is None:

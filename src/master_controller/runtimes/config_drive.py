@@ -14,8 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from master_controller.commands import run
 from master_controller.errors import CommandError, GuestStartFailed
-from master_controller.proc import run
 from mc_agent.config import CONFIG_NAME, DRIVE_LABEL, GuestConfig
 
 CONFIG_DRIVE_MIB = 8

@@ -22,6 +22,7 @@ from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from master_controller.commands import run
 from master_controller.errors import (
     CommandError,
     GuestStartFailed,
@@ -32,7 +33,6 @@ from master_controller.errors import (
 from master_controller.images.store import ImageInfo
 from master_controller.network import netns
 from master_controller.network.netns import GuestLink
-from master_controller.proc import run
 from master_controller.process import ProcessRef, spawn
 from master_controller.runtimes import cgroups, disklayer, idmap
 from master_controller.runtimes.base import (
@@ -131,6 +131,8 @@ class ContainerRuntime(HostedRuntime):
             raise self.start_failed(guest, step, exc) from exc
 
     async def stop(self, guest: GuestState) -> None:
+        """Shut the container down orderly, keeping its disk layer and address (not part
+        of the Runtime interface: the controller hibernates or destroys)."""
         await self._shutdown(guest)
         guest.status = GuestStatus.STOPPED
         self.save(guest)

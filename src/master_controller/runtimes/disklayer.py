@@ -23,9 +23,9 @@ import os
 from pathlib import Path
 from types import TracebackType
 
+from master_controller.commands import run
 from master_controller.diskspace import require_free
 from master_controller.errors import CommandError, GuestStartFailed
-from master_controller.proc import run
 
 IMAGE = "disk.ext4"
 MOUNT_POINT = "layer"

@@ -22,7 +22,6 @@ Guests need a kernel that finds Firecracker's virtio-mmio devices: through ACPI 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
@@ -32,6 +31,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+from master_controller.commands import run
 from master_controller.errors import (
     CommandError,
     GuestError,
@@ -41,7 +41,6 @@ from master_controller.errors import (
 )
 from master_controller.images.store import ImageInfo
 from master_controller.network import netns
-from master_controller.proc import run
 from master_controller.process import ProcessRef, spawn
 from master_controller.runtimes.base import GuestState, GuestStatus, ProbeResult
 from master_controller.runtimes.config_drive import make_config_drive
@@ -53,7 +52,6 @@ from master_controller.runtimes.firecracker_api import (
     MachineConfig,
     MemBackend,
     NetworkInterface,
-    SendCtrlAltDel,
     SnapshotCreate,
     SnapshotLoad,
     VmState,
@@ -229,11 +227,6 @@ class FirecrackerRuntime(HostedRuntime):
         if state != "Running":
             raise GuestError(f"the restored VM is {state!r}, not Running")
 
-    async def stop(self, guest: GuestState) -> None:
-        await self._shutdown(guest, graceful=True)
-        guest.status = GuestStatus.STOPPED
-        self.save(guest)
-
     async def hibernate(self, guest: GuestState) -> None:
         """Pause, write a full snapshot next to the disk, stop Firecracker. The network
         stays, so the restored VM finds its tap under the same name."""
@@ -279,19 +272,12 @@ class FirecrackerRuntime(HostedRuntime):
         self.save(guest)
 
     async def _shutdown(self, guest: GuestState, graceful: bool = False) -> None:
-        """Stop the VMM (its disk stays), then remove the guest's network. ``graceful``
-        first asks the guest to power off (Ctrl+Alt+Del, Firecracker's only orderly way on
-        x86) and waits ``stop_timeout``."""
+        """Stop the VMM (its disk stays), then remove the guest's network. A hibernated
+        guest is saved already, so ``graceful`` changes nothing here."""
         guest.resources.pop("snapshot", None)
         data = guest.resources.pop("process", None)
         if data:
             process = ProcessRef.model_validate(data)
-            if graceful and process.alive():
-                socket = self.jail(guest).host(API_SOCKET)
-                with contextlib.suppress(GuestError):
-                    async with FirecrackerApi(socket, timeout=2) as api:
-                        await api.put("actions", SendCtrlAltDel())
-                await process.wait(self.settings.stop_timeout)
             if process.signal(signal.SIGKILL):
                 await process.wait(5)
         await netns.aremove(self.link(guest))

@@ -124,9 +124,5 @@ class InstanceStart(BaseModel):
     action_type: Literal["InstanceStart"] = "InstanceStart"
 
 
-class SendCtrlAltDel(BaseModel):
-    action_type: Literal["SendCtrlAltDel"] = "SendCtrlAltDel"
-
-
 class VmState(BaseModel):
     state: Literal["Paused", "Resumed"]

@@ -15,8 +15,8 @@ import os
 import stat
 from pathlib import Path
 
+from master_controller.commands import run
 from master_controller.errors import CommandError, GuestError
-from master_controller.proc import run
 
 
 def mounts_under(folder: Path) -> list[Path]:

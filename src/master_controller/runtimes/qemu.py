@@ -33,6 +33,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+from master_controller.commands import run
 from master_controller.errors import (
     CommandError,
     GuestError,
@@ -42,7 +43,6 @@ from master_controller.errors import (
 )
 from master_controller.images.store import ImageInfo
 from master_controller.network import netns
-from master_controller.proc import run
 from master_controller.process import ProcessRef, spawn
 from master_controller.runtimes.base import (
     GuestState,
@@ -191,11 +191,6 @@ class QemuRuntime(HostedRuntime):
         if incoming is not None:
             argv += ["-incoming", f"fd:{launch.fd('read', incoming)}"]
         return launch.argv(argv)
-
-    async def stop(self, guest: GuestState) -> None:
-        await self._shutdown(guest)
-        guest.status = GuestStatus.STOPPED
-        self.save(guest)
 
     async def hibernate(self, guest: GuestState) -> None:
         """Pause, save memory and device state next to the disk overlay, stop QEMU. The

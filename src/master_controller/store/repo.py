@@ -38,6 +38,21 @@ async def count_by_state(db: AsyncSession) -> dict[str, int]:
     return {state: count for state, count in rows}
 
 
+def stage_event(
+    db: AsyncSession,
+    session_id: str,
+    kind: str,
+    name: str,
+    ok: bool = True,
+    seconds: float | None = None,
+    detail: str = "",
+) -> None:
+    """Add an event to ``db``'s transaction (committed with whatever else it holds)."""
+    db.add(
+        EventRow(session_id=session_id, kind=kind, name=name, ok=ok, seconds=seconds, detail=detail)
+    )
+
+
 async def add_event(
     db: AsyncSession,
     session_id: str,
@@ -47,9 +62,7 @@ async def add_event(
     seconds: float | None = None,
     detail: str = "",
 ) -> None:
-    db.add(
-        EventRow(session_id=session_id, kind=kind, name=name, ok=ok, seconds=seconds, detail=detail)
-    )
+    stage_event(db, session_id, kind, name, ok, seconds, detail)
     await db.commit()
 
 

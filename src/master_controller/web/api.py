@@ -5,8 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Query
 
 from master_controller.auth import Caller
-from master_controller.errors import MCError, SessionNotFound
-from master_controller.runtimes.base import GuestStatus
+from master_controller.errors import SessionNotFound
 from master_controller.sessions.states import ACTIVE, VIEWABLE, State
 from master_controller.store import repo
 from master_controller.store.models import SessionRow
@@ -17,6 +16,7 @@ from master_controller.web.deps import (
     require_scope,
     services,
 )
+from master_controller.web.paths import viewer_path
 from master_controller.web.schemas import (
     USER_ID_PATTERN,
     EventView,
@@ -29,6 +29,12 @@ from master_controller.web.schemas import (
 )
 
 router = APIRouter(prefix="/api", dependencies=[require_scope("sessions")])  # type: ignore[list-item]
+
+
+def viewer_url(svc: Services, session_id: str) -> str:
+    """The link the person signing in opens: the viewer page with a single-use ticket."""
+    ticket = svc.tickets.ticket(session_id)
+    return f"{svc.settings.base_url}{viewer_path(session_id)}?ticket={ticket}"
 
 
 async def session_view(svc: Services, row: SessionRow, with_events: bool = True) -> SessionView:
@@ -51,7 +57,7 @@ async def session_view(svc: Services, row: SessionRow, with_events: bool = True)
         ended_at=row.ended_at,
         last_activity_at=row.last_activity_at,
         viewers=svc.viewers.count(row.id),
-        novnc_url=svc.sessions.viewer_url(row.id) if live else None,
+        novnc_url=viewer_url(svc, row.id) if live else None,
         events=events,
     )
 
@@ -66,7 +72,7 @@ async def start_session(
     return StartResponse(
         session_id=row.id,
         provider=row.provider,
-        novnc_url=svc.sessions.viewer_url(row.id),
+        novnc_url=viewer_url(svc, row.id),
         browser_ip=row.browser_ip,
         status=row.state,
     )
@@ -106,7 +112,7 @@ async def resume_session(
 async def _users_session(svc: Services, who: Caller, user_id: str, states: set[str]) -> SessionRow:
     async with svc.db.session() as db:
         rows = await repo.list_sessions(db, user_id=user_id, states=sorted(states))
-    mine = [r for r in rows if r.api_key_id == who.key_id or "admin" in who.scopes]
+    mine = [r for r in rows if who.owns(r.api_key_id)]
     if not mine:
         raise SessionNotFound(f"user {user_id[:128]!r} has no VM that can do that")
     return mine[0]
@@ -157,7 +163,7 @@ async def list_sessions(
 ) -> list[SessionView]:
     async with svc.db.session() as db:
         rows = await repo.list_sessions(db, user_id=user_id)
-    visible = [r for r in rows if r.api_key_id == who.key_id or "admin" in who.scopes]
+    visible = [r for r in rows if who.owns(r.api_key_id)]
     return [await session_view(svc, r, with_events=False) for r in visible[:200]]
 
 
@@ -167,26 +173,20 @@ async def _vms(svc: Services, who: Caller) -> list[VmView]:
         rows = await repo.list_sessions(db, states=live)
     vms = []
     for row in rows:
-        if row.api_key_id != who.key_id and "admin" not in who.scopes:
+        if not who.owns(row.api_key_id):
             continue
-        snapshot_bytes = None
-        try:
-            guest = svc.sessions.guest(row)
-            status = svc.runtime.status(guest)
-            snapshot_bytes = guest.resources.get("snapshot", {}).get("bytes")
-        except MCError:
-            status = GuestStatus.DESTROYED
+        facts = svc.sessions.guest_facts(row)
         vms.append(
             VmView(
                 vm_id=row.guest_id or row.id,
                 session_id=row.id,
                 user_id=row.user_id,
-                status=status,
+                status=facts.status,
                 session_status=row.state,
                 address=row.browser_ip,
                 runtime=row.runtime,
                 image_id=row.image_id,
-                snapshot_bytes=snapshot_bytes,
+                snapshot_bytes=facts.snapshot_bytes,
             )
         )
     return vms

@@ -29,19 +29,20 @@ from master_controller.auth import TicketRedaction, Tickets, load_secret
 from master_controller.credentials import CredentialStore
 from master_controller.errors import ConfigError, MCError
 from master_controller.images.store import ImageStore
+from master_controller.metrics import SESSIONS
 from master_controller.network.egress import EgressProxy
 from master_controller.runtimes import best_runtime, get_runtime
 from master_controller.runtimes.base import ProbeCache, Runtime
-from master_controller.sessions.manager import SessionManager
+from master_controller.sessions.service import SessionService
 from master_controller.sessions.states import ACTIVE, State
 from master_controller.settings import REPO_ROOT, Settings
 from master_controller.store import repo
 from master_controller.store.database import Database
 from master_controller.vault import Vault
+from master_controller.viewing.readiness import ViewerPath
+from master_controller.viewing.relay import ViewerRegistry
 from master_controller.web import api, credentials_api, viewer
 from master_controller.web.deps import Services, services
-from master_controller.web.metrics import SESSIONS
-from master_controller.web.proxy import ViewerRegistry
 from master_controller.web.ratelimit import RateLimiter
 
 STATIC = Path(__file__).parent / "static"
@@ -135,8 +136,8 @@ def create_app(
             viewers = ViewerRegistry()
             credentials = CredentialStore(db, Vault.open(settings))
             egress = EgressProxy(settings)
-            manager = SessionManager(
-                settings, db, chosen, tickets, viewers, credentials, egress=egress
+            manager = SessionService(
+                settings, db, chosen, viewers, credentials, ViewerPath(chosen), egress=egress
             )
             limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
             app.state.services = Services(

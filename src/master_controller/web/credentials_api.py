@@ -15,11 +15,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Path, Query
 from pydantic import Field
 
-from master_controller.auth import Caller, Forbidden
+from master_controller.auth import Caller
 from master_controller.credentials import NO_KEY
-from master_controller.errors import SessionStateError
-from master_controller.sessions.agent import GuestAgent
-from master_controller.sessions.states import VIEWABLE, State
+from master_controller.sessions.states import State
 from master_controller.store.models import CredentialRow, SessionRow
 from master_controller.web.deps import Services, caller, owned_session, services
 from master_controller.web.schemas import (
@@ -57,23 +55,12 @@ class StoredCredentialView(CredentialView):
         return cls(**CredentialView.of(row).model_dump(), api_key_id=row.api_key_id)
 
 
-def _require(who: Caller, scope: str) -> None:
-    if scope not in who.scopes and not (scope == "sessions" and "admin" in who.scopes):
-        raise Forbidden(f"this API key lacks the {scope!r} scope")
-
-
-async def _agent(svc: Services, row: SessionRow) -> GuestAgent:
-    if State(row.state) not in VIEWABLE:
-        raise SessionStateError(f"session {row.id} is {row.state}; its guest is not running")
-    return GuestAgent(svc.runtime, svc.sessions.guest(row))
-
-
 @router.get("/session/{session_id}/oauth-url", response_model=OAuthUrlView)
 async def oauth_url(
     row: SessionRow = Depends(owned_session), svc: Services = Depends(services)
 ) -> OAuthUrlView:
     """The sign-in URL the provider's CLI opened (or printed) in the guest."""
-    login = await (await _agent(svc, row)).login()
+    login = await svc.sessions.agent(row).login()
     return OAuthUrlView(
         session_id=row.id,
         provider=row.provider,
@@ -95,7 +82,7 @@ async def credential_status(
         # the record this session's key holds, not another key's record of the same user
         status = await svc.credentials.validate(row.user_id, row.provider, row.api_key_id)
     else:
-        data = await (await _agent(svc, row)).credential_status()
+        data = await svc.sessions.agent(row).credential_status()
         status = CredentialStatus(data["valid"], data["reason"], data.get("expires_at"))
     return CredentialStatusView(
         session_id=row.id,
@@ -107,18 +94,14 @@ async def credential_status(
     )
 
 
-def _admin(who: Caller) -> bool:
-    return "admin" in who.scopes
-
-
 @router.get("/credentials/{user_id}", response_model=list[StoredCredentialView])
 async def list_credentials(
     user_id: str = UserId, who: Caller = Depends(caller), svc: Services = Depends(services)
 ) -> list[StoredCredentialView]:
     """The user's stored credentials that this key's sessions captured (every key's, for an
     admin key): provider, when captured, expiry, which key. No secrets."""
-    _require(who, "sessions")
-    rows = await svc.credentials.for_user(user_id, who.key_id, admin=_admin(who))
+    who.require("sessions")
+    rows = await svc.credentials.for_user(user_id, who.key_id, admin=who.admin)
     return [StoredCredentialView.of_row(r) for r in rows]
 
 
@@ -132,9 +115,9 @@ async def validate(
 ) -> ValidationView:
     """Whether the stored credentials decrypt and pass the provider's checks (fields,
     expiry)."""
-    _require(who, "sessions")
+    who.require("sessions")
     status = await svc.credentials.validate(
-        user_id, provider, who.key_id, admin=_admin(who), of_key=of_key
+        user_id, provider, who.key_id, admin=who.admin, of_key=of_key
     )
     return ValidationView(
         user_id=user_id,
@@ -154,8 +137,8 @@ async def delete_credentials(
     svc: Services = Depends(services),
 ) -> OkResponse:
     """Delete the stored credentials (audited)."""
-    _require(who, "sessions")
-    await svc.credentials.delete(user_id, provider, who.key_id, admin=_admin(who), of_key=of_key)
+    who.require("sessions")
+    await svc.credentials.delete(user_id, provider, who.key_id, admin=who.admin, of_key=of_key)
     return OkResponse(status="deleted")
 
 
@@ -170,9 +153,9 @@ async def export_credentials(
     """The decrypted credential files, for keys with the ``export`` scope, of a record this
     key's sessions captured (any key's, if the key is also ``admin``); every export is
     written to the audit log."""
-    _require(who, "export")
+    who.require("export")
     exported = await svc.credentials.export(
-        user_id, provider, who.key_id, admin=_admin(who), of_key=of_key
+        user_id, provider, who.key_id, admin=who.admin, of_key=of_key
     )
     return ExportView(
         user_id=user_id,

@@ -7,15 +7,15 @@ from dataclasses import dataclass
 
 from fastapi import Depends, Header, Request
 
-from master_controller.auth import Caller, Forbidden, Tickets, authenticate
+from master_controller.auth import Caller, Tickets, authenticate
 from master_controller.credentials import CredentialStore
 from master_controller.errors import SessionNotFound
 from master_controller.runtimes.base import Runtime
-from master_controller.sessions.manager import SessionManager
+from master_controller.sessions.service import SessionService
 from master_controller.settings import Settings
 from master_controller.store.database import Database
 from master_controller.store.models import SessionRow
-from master_controller.web.proxy import ViewerRegistry
+from master_controller.viewing.relay import ViewerRegistry
 from master_controller.web.ratelimit import RateLimiter
 
 SESSION_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -28,7 +28,7 @@ class Services:
     runtime: Runtime
     tickets: Tickets
     viewers: ViewerRegistry
-    sessions: SessionManager
+    sessions: SessionService
     credentials: CredentialStore
     limiter: RateLimiter
 
@@ -63,15 +63,14 @@ async def owned_session(
 ) -> SessionRow:
     """The session, if the caller's key started it (or the caller is an admin)."""
     row = await svc.sessions.get(check_session_id(session_id))
-    if row.api_key_id != who.key_id and "admin" not in who.scopes:
+    if not who.owns(row.api_key_id):
         raise SessionNotFound(f"no session {session_id}")  # not 403: don't confirm it exists
     return row
 
 
 def require_scope(scope: str) -> object:
     async def check(who: Caller = Depends(caller)) -> Caller:
-        if scope not in who.scopes and "admin" not in who.scopes:
-            raise Forbidden(f"this API key lacks the {scope!r} scope")
+        who.require(scope)
         return who
 
     return Depends(check)

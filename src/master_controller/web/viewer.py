@@ -16,24 +16,15 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from master_controller.auth import Forbidden, TicketUsed, Unauthorized, redeem
 from master_controller.errors import MCError, SessionNotFound
-from master_controller.sessions.manager import VIEWER_COOKIE
 from master_controller.sessions.states import TERMINAL, VIEWABLE, State
-from master_controller.store import repo
+from master_controller.viewing.close_codes import CloseCode
+from master_controller.viewing.relay import ViewerConnection, relay
 from master_controller.web.deps import Services, check_session_id, services
-from master_controller.web.proxy import (
-    SESSION_ENDED,
-    SESSION_HIBERNATED,
-    ViewerConnection,
-    relay,
-)
+from master_controller.web.paths import VIEWER_COOKIE, viewer_path
 from master_controller.web.schemas import EventView, ViewerStatus
 
 STATIC = Path(__file__).parent / "static"
 router = APIRouter(prefix="/api/auth/session/{session_id}/novnc")
-
-
-def _viewer_path(session_id: str) -> str:
-    return f"/api/auth/session/{session_id}/novnc"
 
 
 def _refusal(status: int, title: str, reason: str) -> HTMLResponse:
@@ -64,14 +55,14 @@ async def viewer_page(
                     await redeem(db, claim)
             except TicketUsed:
                 if _has_cookie(svc, request, session_id):  # the same browser, again
-                    return RedirectResponse(_viewer_path(session_id), status_code=303)
+                    return RedirectResponse(viewer_path(session_id), status_code=303)
                 raise
-            response = RedirectResponse(_viewer_path(session_id), status_code=303)
+            response = RedirectResponse(viewer_path(session_id), status_code=303)
             response.set_cookie(
                 VIEWER_COOKIE,
                 svc.tickets.cookie(session_id),
                 max_age=int(svc.settings.max_lifetime),
-                path=_viewer_path(session_id),
+                path=viewer_path(session_id),
                 httponly=True,
                 samesite="strict",
                 secure=svc.settings.base_url.startswith("https://"),
@@ -108,8 +99,7 @@ async def viewer_status(
     svc.tickets.check_cookie(
         request.cookies.get(VIEWER_COOKIE), session_id, svc.settings.max_lifetime
     )
-    async with svc.db.session() as db:
-        events = await repo.events(db, session_id)
+    events = await svc.sessions.ledger.events(session_id)
     return ViewerStatus(
         status=row.state,
         reason=row.reason,
@@ -141,33 +131,32 @@ async def viewer_socket(session_id: str, websocket: WebSocket) -> None:
     try:
         row = await svc.sessions.get(check_session_id(session_id))
     except SessionNotFound:
-        await viewer.close(4404, "session not found")
+        await viewer.close(CloseCode.NOT_FOUND, "session not found")
         return
     try:
         svc.tickets.check_cookie(
             websocket.cookies.get(VIEWER_COOKIE), session_id, svc.settings.max_lifetime
         )
     except (Unauthorized, Forbidden) as exc:
-        await viewer.close(4401, exc.reason[:120])
+        await viewer.close(CloseCode.NO_TICKET, exc.reason[:120])
         return
     if not origin_allowed(websocket, svc):
-        await viewer.close(4403, "origin not allowed")
+        await viewer.close(CloseCode.ORIGIN_REFUSED, "origin not allowed")
         return
     state = State(row.state)
     if state in TERMINAL:
-        await viewer.close(SESSION_ENDED, f"session ended: {row.reason or state}"[:120])
+        await viewer.close(CloseCode.ENDED, f"session ended: {row.reason or state}"[:120])
         return
     if state in (State.HIBERNATING, State.HIBERNATED):
-        await viewer.close(SESSION_HIBERNATED, "session hibernated")
+        await viewer.close(CloseCode.HIBERNATED, "session hibernated")
         return
-    if state not in VIEWABLE and state not in (State.BOOTING, State.RESUMING):
-        await viewer.close(4409, f"session is {state}, not ready yet")
+    if state not in VIEWABLE:
+        await viewer.close(CloseCode.NOT_READY, f"session is {state}, not ready yet")
         return
     try:
-        guest = svc.sessions.guest(row)
-        url = svc.runtime.endpoint(guest).websocket_url
+        target = svc.sessions.viewer_target(row)
     except MCError:
-        await viewer.close(1011, "guest VNC unreachable")
+        await viewer.close(CloseCode.GUEST_FAILED, "guest VNC unreachable")
         return
     await svc.sessions.viewer_activity(session_id)
     try:
@@ -176,8 +165,8 @@ async def viewer_socket(session_id: str, websocket: WebSocket) -> None:
         await relay(
             viewer,
             svc.viewers,
-            url,
-            guest.secrets.vnc_password,
+            target.websocket_url,
+            target.vnc_password,
             max_viewers=svc.settings.max_viewers,
         )
     finally:

@@ -87,6 +87,11 @@ class Provider:
     def validate(self, files: dict[str, str], now: float) -> CredentialStatus:
         raise NotImplementedError
 
+    def sign_in_reach(self, options: dict[str, str]) -> tuple[tuple[str, ...], frozenset[int]]:
+        """The domains (with their subdomains) and ports a guest may reach while it signs
+        in to this provider: its egress allowance."""
+        return self.domains, frozenset({443})
+
     def check_options(self, options: dict[str, str]) -> dict[str, str]:
         if options:
             raise ProviderError(f"{self.name} takes no options")
@@ -162,6 +167,11 @@ def registry() -> dict[str, Provider]:
         p.name: p
         for p in (claude_code.PROVIDER, codex.PROVIDER, gemini_cli.PROVIDER, oauth2.PROVIDER)
     }
+
+
+def names() -> tuple[str, ...]:
+    """Every provider's name, the one list the API and the CLI offer."""
+    return tuple(registry())
 
 
 def get(name: str) -> Provider:

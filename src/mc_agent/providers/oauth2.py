@@ -58,10 +58,13 @@ class OAuth2(Provider):
             options["scope"],
         ]
 
-    def domains_for(self, options: dict[str, str]) -> tuple[str, ...]:
-        return tuple(
-            sorted({urlsplit(options[k]).hostname or "" for k in ("authorize_url", "token_url")})
-        )
+    def sign_in_reach(self, options: dict[str, str]) -> tuple[tuple[str, ...], frozenset[int]]:
+        """The hosts and ports of the configured endpoints (a local identity provider may
+        listen anywhere)."""
+        endpoints = [urlsplit(options[k]) for k in ("authorize_url", "token_url")]
+        hosts = tuple(sorted({u.hostname or "" for u in endpoints}))
+        ports = frozenset(u.port or (443 if u.scheme == "https" else 80) for u in endpoints)
+        return hosts, ports
 
     @validated
     def validate(self, files: dict[str, str], now: float) -> CredentialStatus:

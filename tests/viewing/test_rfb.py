@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from master_controller.errors import ProbeError
-from master_controller.rfb import (
+from master_controller.viewing.rfb import (
     DISCARD_CHUNK,
     MAX_CUT_TEXT_BYTES,
     MAX_NAME_BYTES,

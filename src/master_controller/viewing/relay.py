@@ -4,16 +4,7 @@ The proxy authenticates to the guest's VNC server with the guest's password, sen
 ClientInit (always shared) and checks the guest's ServerInit, then offers the viewer an RFB
 handshake without authentication (the viewer proved itself with its ticket), hands it the
 checked ServerInit and relays frames both ways as they arrive. Every way it can end closes
-the viewer's socket with a code and a reason, never a bare drop:
-
-    1008 the viewer did not finish its handshake in time, or broke the protocol
-    1009 a viewer message larger than MAX_VIEWER_MESSAGE
-    1011 guest VNC unreachable / closed the connection / failed or faked its handshake /
-         sent a message larger than MAX_GUEST_MESSAGE / stopped answering
-    4401 no or invalid viewer ticket       4403 origin not allowed
-    4404 session not found                 4409 session not ready yet
-    4410 session ended                     4412 session hibernated
-    4429 the session has max_viewers viewers already
+the viewer's socket with a code and a reason (:class:`CloseCode`), never a bare drop.
 
 The guest is hostile by assumption: its messages, its ServerInit and its handshake time are
 bounded, and a viewer slot is taken atomically (no await between the count and the
@@ -33,30 +24,38 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from master_controller.errors import ProbeError
-from master_controller.readiness import (
+from master_controller.metrics import PROXY_BYTES, PROXY_CONNECTIONS, PROXY_CONNECTIONS_TOTAL
+from master_controller.viewing.close_codes import CloseCode
+from master_controller.viewing.guest_socket import (
     GUEST_CLOSE_SECONDS,
     MAX_GUEST_MESSAGE,
     MAX_GUEST_QUEUE,
     WebSocketStream,
 )
-from master_controller.rfb import RFBClient, ServerInit, accept_without_auth, read_server_init
-from master_controller.web.metrics import PROXY_BYTES, PROXY_CONNECTIONS, PROXY_CONNECTIONS_TOTAL
+from master_controller.viewing.rfb import (
+    RFBClient,
+    ServerInit,
+    accept_without_auth,
+    read_server_init,
+)
 
-GUEST_UNREACHABLE = (1011, "guest VNC unreachable")
-GUEST_CLOSED = (1011, "guest VNC closed the connection")
-GUEST_SILENT = (1011, "the guest stopped answering (network cut, or guest frozen)")
-GUEST_TOO_BIG = (1011, f"the guest's VNC sent a message over {MAX_GUEST_MESSAGE} bytes")
-MESSAGE_TOO_BIG = 1009
+GUEST_UNREACHABLE = (CloseCode.GUEST_FAILED, "guest VNC unreachable")
+GUEST_CLOSED = (CloseCode.GUEST_FAILED, "guest VNC closed the connection")
+GUEST_SILENT = (
+    CloseCode.GUEST_FAILED,
+    "the guest stopped answering (network cut, or guest frozen)",
+)
+GUEST_TOO_BIG = (
+    CloseCode.GUEST_FAILED,
+    f"the guest's VNC sent a message over {MAX_GUEST_MESSAGE} bytes",
+)
 # noVNC's own messages (keys, pointer, update requests) are a few bytes; the largest is a
 # clipboard paste (ClientCutText). 256 KiB of pasted text is plenty.
 MAX_VIEWER_MESSAGE = 256 * 1024
-VIEWER_TOO_BIG = (MESSAGE_TOO_BIG, f"a viewer message over {MAX_VIEWER_MESSAGE} bytes")
-SESSION_ENDED = 4410
-SESSION_HIBERNATED = 4412
+VIEWER_TOO_BIG = (CloseCode.MESSAGE_TOO_BIG, f"a viewer message over {MAX_VIEWER_MESSAGE} bytes")
 GUEST_PING_SECONDS = 5.0
 HANDSHAKE_SECONDS = 30.0  # a viewer must finish its RFB handshake within this
 GUEST_HANDSHAKE_SECONDS = 15.0  # and the guest its side, through to ServerInit
-TOO_MANY_VIEWERS = 4429
 # how the relay ended on the guest's side -> what the viewer is told
 GUEST_ENDINGS = {
     "guest": GUEST_CLOSED,
@@ -140,9 +139,16 @@ class ViewerRegistry:
             if not viewers:
                 self.viewers.pop(viewer.session_id, None)
 
-    async def close_all(self, session_id: str, code: int, reason: str) -> None:
+    async def close_all(self, session_id: str, code: CloseCode, reason: str) -> None:
         for viewer in list(self.viewers.get(session_id, ())):
-            await viewer.close(code, reason)
+            await viewer.close(code, reason[:120])
+
+    async def session_ended(self, session_id: str, reason: str) -> None:
+        """Tell the session's viewers it ended, and why (they stop reconnecting)."""
+        await self.close_all(session_id, CloseCode.ENDED, reason)
+
+    async def session_hibernated(self, session_id: str) -> None:
+        await self.close_all(session_id, CloseCode.HIBERNATED, "session hibernated")
 
 
 async def relay(
@@ -160,7 +166,9 @@ async def relay(
     # no await before this: the check and the registration are one step
     if not registry.reserve(viewer, max_viewers):
         PROXY_CONNECTIONS_TOTAL.labels("too_many_viewers").inc()
-        await viewer.close(TOO_MANY_VIEWERS, f"this session has {max_viewers} viewers already")
+        await viewer.close(
+            CloseCode.TOO_MANY_VIEWERS, f"this session has {max_viewers} viewers already"
+        )
         return
     PROXY_CONNECTIONS.inc()
     try:
@@ -174,10 +182,7 @@ async def relay(
                 max_queue=MAX_GUEST_QUEUE,
                 compression=None,  # websockify never compresses; no inflating a guest's bomb
                 close_timeout=GUEST_CLOSE_SECONDS,
-                # the guest is on this host: a silent link is noticed within ~10 s (a
-                # cut network), and the viewer is told rather than left frozen
-                ping_interval=GUEST_PING_SECONDS,
-                ping_timeout=GUEST_PING_SECONDS,
+                ping_interval=None,  # our own keepalive (_pump) says when the guest went silent
             )
         except (OSError, TimeoutError, WebSocketException):
             PROXY_CONNECTIONS_TOTAL.labels("guest_unreachable").inc()
@@ -189,7 +194,9 @@ async def relay(
                 init = await _guest_handshake(guest, password)
             except ProbeError as exc:
                 PROXY_CONNECTIONS_TOTAL.labels("handshake_failed").inc()
-                await viewer.close(1011, f"VNC handshake failed: {exc.reason}"[:120])
+                await viewer.close(
+                    CloseCode.GUEST_FAILED, f"VNC handshake failed: {exc.reason}"[:120]
+                )
                 return
             viewer_stream = ViewerStream(ws)
             try:
@@ -198,7 +205,9 @@ async def relay(
                     await viewer_stream.read_exactly(1)  # ClientInit: the guest's went already
             except TimeoutError:
                 PROXY_CONNECTIONS_TOTAL.labels("handshake_failed").inc()
-                await viewer.close(1008, "the viewer did not finish the VNC handshake in time")
+                await viewer.close(
+                    CloseCode.VIEWER_PROTOCOL, "the viewer did not finish the VNC handshake in time"
+                )
                 return
             except ViewerMessageTooBig:
                 PROXY_CONNECTIONS_TOTAL.labels("viewer_too_big").inc()
@@ -206,7 +215,9 @@ async def relay(
                 return
             except ProbeError as exc:
                 PROXY_CONNECTIONS_TOTAL.labels("handshake_failed").inc()
-                await viewer.close(1008, f"VNC handshake failed: {exc.reason}"[:120])
+                await viewer.close(
+                    CloseCode.VIEWER_PROTOCOL, f"VNC handshake failed: {exc.reason}"[:120]
+                )
                 return
             except WebSocketDisconnect:
                 return
@@ -270,9 +281,7 @@ async def _pump(ws: WebSocket, upstream: ClientConnection) -> str:
                 PROXY_BYTES.labels("to_viewer").inc(len(data))
                 await ws.send_bytes(data)
         except ConnectionClosed as exc:
-            if exc.sent is not None and "keepalive" in exc.sent.reason:
-                return "guest-silent"  # no answer to our pings: network cut, or frozen
-            if exc.sent is not None and exc.sent.code == MESSAGE_TOO_BIG:
+            if exc.sent is not None and exc.sent.code == CloseCode.MESSAGE_TOO_BIG:
                 return "guest-too-big"  # refused by max_size before it was read
         except WebSocketException:
             pass
@@ -280,7 +289,26 @@ async def _pump(ws: WebSocket, upstream: ClientConnection) -> str:
             return "viewer"
         return "guest"
 
-    tasks = [asyncio.create_task(viewer_to_guest()), asyncio.create_task(guest_to_viewer())]
+    async def guest_keepalive() -> str:
+        """A guest on this host answers a ping at once: one unanswered for
+        GUEST_PING_SECONDS means a cut network or a frozen guest, and the viewer is told
+        rather than left looking at a still screen."""
+        while True:
+            await asyncio.sleep(GUEST_PING_SECONDS)
+            try:
+                pong = await upstream.ping()
+                async with asyncio.timeout(GUEST_PING_SECONDS):
+                    await pong
+            except TimeoutError:
+                return "guest-silent"
+            except (WebSocketException, RuntimeError):  # closed: the guest's side ended
+                return "guest"
+
+    tasks = [
+        asyncio.create_task(viewer_to_guest()),
+        asyncio.create_task(guest_to_viewer()),
+        asyncio.create_task(guest_keepalive()),
+    ]
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     for task in pending:
         task.cancel()

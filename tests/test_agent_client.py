@@ -10,9 +10,9 @@ import tracemalloc
 
 import pytest
 
+from master_controller.agent_client import MAX_RESPONSE_BYTES, GuestAgent
 from master_controller.errors import GuestAgentError
 from master_controller.runtimes.base import Endpoint, GuestSecrets, GuestState
-from master_controller.sessions.agent import MAX_RESPONSE_BYTES, GuestAgent
 from tests.sessions import hostile
 
 

@@ -6,7 +6,7 @@ password succeeds, and the framebuffer is not blank. No sleeps: every check is p
 a deadline and a failure says what did not come up.
 
 What a guest answers is bounded: WebSocket messages (:data:`MAX_GUEST_MESSAGE`), RFB sizes
-(``rfb``), agent answers (``sessions.agent``), and each check's time (:func:`poll` cuts a
+(``rfb``), agent answers (``agent_client``), and each check's time (:func:`poll` cuts a
 check that is still running past its deadline, so a guest dribbling bytes cannot hold it).
 """
 
@@ -16,33 +16,21 @@ import asyncio
 import base64
 import hashlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import WebSocketException
-
+from master_controller.agent_client import request_json
 from master_controller.errors import GuestAgentError, ProbeError
-from master_controller.rfb import Frame, RFBClient, ServerInfo
 from master_controller.runtimes.base import GuestState, GuestStatus, Runtime
-from master_controller.sessions.agent import request_json
+from master_controller.steps import StepRecord, StepSink
+from master_controller.viewing.guest_socket import rfb_over_websocket
+from master_controller.viewing.rfb import Frame, ServerInfo
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 RFC6455_SAMPLE_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
 T = TypeVar("T")
 
-# Largest WebSocket message taken from a guest's websockify. websockify (0.10, Debian's)
-# sends what one recv() from the VNC server returns, at most its buffer_size of 64 KiB, as
-# one message; 1 MiB leaves 16x margin and bounds what one message can make us hold.
-MAX_GUEST_MESSAGE = 1024 * 1024
-# Frames a WebSocket client buffers before it stops reading (flow control): with the size
-# above, at most 4 MiB queued per connection to a guest.
-MAX_GUEST_QUEUE = 4
-# How long closing waits for a guest's answer to our close frame (a hostile one never
-# answers; websockets would wait 10 s by default).
-GUEST_CLOSE_SECONDS = 1.0
 # A check still running this long after its poll's deadline is cut (the grace lets a check
 # that watches the deadline itself, like non_blank_frame, end with its own reason first).
 CHECK_GRACE_SECONDS = 5.0
@@ -103,61 +91,6 @@ async def websocket_upgrade(
     }
 
 
-class WebSocketStream:
-    """RFB bytes over WebSocket binary messages (how noVNC talks to websockify)."""
-
-    def __init__(self, ws: ClientConnection, timeout: float) -> None:
-        self.ws = ws
-        self.timeout = timeout
-        self.buffer = bytearray()
-
-    async def read_exactly(self, n: int) -> bytes:
-        while len(self.buffer) < n:
-            try:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
-                # that arrives as a message does (an outer deadline would then be lost)
-                async with asyncio.timeout(self.timeout):
-                    message = await self.ws.recv()
-            except TimeoutError as exc:
-                raise ProbeError(f"the VNC server sent nothing for {self.timeout}s") from exc
-            except WebSocketException as exc:
-                raise ProbeError(f"the WebSocket closed: {exc}") from exc
-            self.buffer += message if isinstance(message, bytes) else message.encode()
-        data = bytes(self.buffer[:n])
-        del self.buffer[:n]
-        return data
-
-    async def write(self, data: bytes) -> None:
-        try:
-            await self.ws.send(data)
-        except WebSocketException as exc:
-            raise ProbeError(f"the WebSocket closed: {exc}") from exc
-
-
-@asynccontextmanager
-async def rfb_over_websocket(
-    url: str, password: str | None, timeout: float = 10.0, headers: dict[str, str] | None = None
-) -> AsyncIterator[RFBClient]:
-    """An RFB client, handshake done, over a WebSocket to ``url``."""
-    try:
-        async with connect(
-            url,
-            subprotocols=["binary"],  # type: ignore[list-item]
-            proxy=None,
-            open_timeout=timeout,
-            max_size=MAX_GUEST_MESSAGE,
-            max_queue=MAX_GUEST_QUEUE,
-            compression=None,  # websockify never compresses; no inflating a guest's bomb
-            close_timeout=GUEST_CLOSE_SECONDS,
-            additional_headers=headers,
-        ) as ws:
-            client = RFBClient(WebSocketStream(ws, timeout))
-            await client.handshake(password)
-            yield client
-    except (OSError, TimeoutError, WebSocketException) as exc:
-        raise ProbeError(f"WebSocket to {url} failed: {exc}") from exc
-
-
 async def rfb_handshake(
     url: str, password: str | None, headers: dict[str, str] | None = None
 ) -> ServerInfo:
@@ -184,7 +117,7 @@ async def non_blank_frame(
 
 
 async def agent_health(url: str, token: str, timeout: float = 5.0) -> dict[str, Any]:
-    """The agent's /health answer (bounded in size and time, see ``sessions.agent``)."""
+    """The agent's /health answer (bounded in size and time, see ``agent_client``)."""
     try:
         status, answer = await request_json(
             "GET", f"{url}/health", {"Authorization": f"Bearer {token}"}, deadline=timeout
@@ -242,3 +175,33 @@ def guest_give_up(runtime: Runtime, guest: GuestState) -> Callable[[], Awaitable
         return "; ".join(missing) or None
 
     return check
+
+
+class ViewerPath:
+    """A guest's readiness, checked the way the relay reaches it: straight to the guest's
+    websockify (WebSocket 101 with the right accept value), an RFB handshake with the
+    guest's own password, and a non-blank frame. Each check is a step sent to ``record``
+    with its duration; the first that does not pass by ``deadline`` raises ProbeError
+    naming it. Being no viewer, it takes no viewer slot and counts in no viewer metric."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def __call__(self, guest: GuestState, deadline: float, record: StepSink) -> None:
+        endpoint = self.runtime.endpoint(guest)
+        url, password = endpoint.websocket_url, guest.secrets.vnc_password
+        give_up = guest_give_up(self.runtime, guest)
+        checks: dict[str, Callable[[], Awaitable[object]]] = {
+            "websocket 101": lambda: websocket_upgrade(endpoint.address, endpoint.websockify_port),
+            "vnc handshake": lambda: rfb_handshake(url, password),
+            "first frame": lambda: non_blank_frame(url, password, deadline),
+        }
+        for name, check in checks.items():
+            started = time.monotonic()
+            try:
+                await poll(check, deadline, 0.2, give_up)
+            except ProbeError as exc:
+                seconds = time.monotonic() - started
+                await record(StepRecord(name, seconds, False, exc.reason[:500]))
+                raise ProbeError(f"{name}: {exc.reason}") from exc
+            await record(StepRecord(name, time.monotonic() - started, True))

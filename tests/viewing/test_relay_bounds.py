@@ -23,11 +23,11 @@ from starlette.websockets import WebSocket
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from master_controller.readiness import MAX_GUEST_MESSAGE
-from master_controller.web import proxy
-from master_controller.web.proxy import (
+from master_controller.viewing import relay as proxy
+from master_controller.viewing.close_codes import CloseCode
+from master_controller.viewing.guest_socket import MAX_GUEST_MESSAGE
+from master_controller.viewing.relay import (
     MAX_VIEWER_MESSAGE,
-    TOO_MANY_VIEWERS,
     ViewerConnection,
     ViewerRegistry,
     relay,
@@ -211,5 +211,7 @@ async def test_concurrent_viewers_never_exceed_the_limit(served: Proxy) -> None:
     relayed = [o for o in outcomes if o[0] == "relaying"]
     refused = [o[1] for o in outcomes if o[0] == "refused"]
     assert len(relayed) == LIMIT and max(seen) == LIMIT
-    assert refused == [(TOO_MANY_VIEWERS, f"this session has {LIMIT} viewers already")] * 8
+    assert (
+        refused == [(CloseCode.TOO_MANY_VIEWERS, f"this session has {LIMIT} viewers already")] * 8
+    )
     await released(served.registry)

@@ -6,10 +6,11 @@ from collections.abc import AsyncIterator
 import pytest
 from websockets.asyncio.server import serve
 
-from master_controller import readiness
+from master_controller.agent_client import MAX_RESPONSE_BYTES
 from master_controller.errors import ProbeError
-from master_controller.readiness import (
-    MAX_GUEST_MESSAGE,
+from master_controller.viewing import readiness
+from master_controller.viewing.guest_socket import MAX_GUEST_MESSAGE
+from master_controller.viewing.readiness import (
     RFC6455_SAMPLE_KEY,
     agent_health,
     non_blank_frame,
@@ -18,8 +19,7 @@ from master_controller.readiness import (
     websocket_accept,
     websocket_upgrade,
 )
-from master_controller.rfb import Frame
-from master_controller.sessions.agent import MAX_RESPONSE_BYTES
+from master_controller.viewing.rfb import Frame
 from tests.sessions import hostile
 
 

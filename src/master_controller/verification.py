@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+from master_controller.commands import run
 from master_controller.digests import file_digest, json_digest
 from master_controller.errors import CommandError, ProbeError, VerificationFailed
 from master_controller.images.contract import (
@@ -28,19 +29,18 @@ from master_controller.images.contract import (
 )
 from master_controller.images.store import ImageInfo, ImageStore
 from master_controller.images.units import exec_start, is_enabled, parse_unit, unit_path
-from master_controller.proc import run
-from master_controller.readiness import (
+from master_controller.runtimes.base import GuestSecrets, GuestState, Runtime
+from master_controller.settings import Settings
+from master_controller.steps import StepLog, StepRecord
+from master_controller.viewing.guest_socket import rfb_over_websocket
+from master_controller.viewing.readiness import (
     agent_health,
     guest_give_up,
     non_blank_frame,
     poll,
-    rfb_over_websocket,
     websocket_upgrade,
 )
-from master_controller.rfb import SECURITY_NONE
-from master_controller.runtimes.base import GuestSecrets, GuestState, Runtime
-from master_controller.settings import Settings
-from master_controller.steps import StepLog, StepRecord
+from master_controller.viewing.rfb import SECURITY_NONE
 
 SCREENSHOT = "screenshot.png"
 T = TypeVar("T")
