@@ -9,6 +9,7 @@ import resource
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +23,7 @@ from master_controller.errors import MCError
 from master_controller.images.builder import ImageBuilder, prune_layers
 from master_controller.images.recipe import Recipe
 from master_controller.images.store import ImageStore
+from master_controller.instance import ensure_free, running
 from master_controller.runtimes import RUNTIMES, best_runtime, get_runtime, probe_all
 from master_controller.runtimes.base import Runtime
 from master_controller.runtimes.kvm import kvm_probe
@@ -232,8 +234,15 @@ def doctor(as_json: bool = typer.Option(False, "--json")) -> None:
         chosen = None
     store = ImageStore(settings.images_dir)
     kvm = kvm_probe(settings)
+    holder = None
+    try:
+        holder = running(settings.data_dir)
+        controller: dict[str, Any] | str | None = None if holder is None else asdict(holder)
+    except MCError as exc:
+        controller = exc.reason
     report = {
         "dataDir": str(settings.data_dir),
+        "controller": controller,
         "kvm": {"usable": kvm.usable, "reason": kvm.reason, "seconds": kvm.seconds},
         "runtimes": {n: {"usable": r.usable, "reason": r.reason} for n, r in probes.items()},
         "chosenRuntime": chosen,
@@ -250,6 +259,12 @@ def doctor(as_json: bool = typer.Option(False, "--json")) -> None:
     console.print(table)
     console.print(f"KVM: {'usable' if kvm.usable else 'not usable'} ({kvm.reason})")
     console.print(f"data dir: {settings.data_dir}")
+    if isinstance(controller, str):
+        console.print(f"controller: unknown ({controller})")
+    elif holder is None:
+        console.print("controller: none running on this data dir")
+    else:
+        console.print(f"controller: running ({holder.describe() or 'not named yet'})")
     console.print(f"current image: {report['currentImage'] or 'none (run `image build`)'}")
 
 
@@ -276,6 +291,8 @@ def serve(
     overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     settings = get_settings().model_copy(update=overrides)
     with reported():
+        # before anything touches the data dir; the app's lifespan takes the lock itself
+        ensure_free(settings.data_dir)
         protect_data_dir(settings.data_dir)
     if ImageStore(settings.images_dir).current() is None:
         err_console.print("no current image yet: building, verifying and promoting one first")

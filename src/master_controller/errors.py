@@ -8,6 +8,7 @@ catch these. A refusal a person sees carries a ``reason`` and an HTTP ``status``
 
     MCError
      ├── ConfigError                 bad settings or recipe
+     │    └── DataDirInUse           another controller runs on this data dir; names it (409)
      ├── CommandError                an external command failed (argv, exit code, tail of output)
      ├── ImageError
      │    ├── BuildError             a build step failed; nothing was added to the store
@@ -29,6 +30,8 @@ catch these. A refusal a person sees carries a ``reason`` and an HTTP ``status``
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 
 class MCError(Exception):
@@ -47,6 +50,19 @@ class ConfigError(MCError):
     """Settings or a recipe are invalid."""
 
     status = 400
+
+
+class DataDirInUse(ConfigError):
+    """Another controller holds this data dir's lock; ``reason`` names it (pid, address,
+    start time). ``holder`` is a :class:`master_controller.instance.Holder`, or None if it
+    has not written who it is yet."""
+
+    status = 409
+
+    def __init__(self, reason: str, data_dir: Path, holder: Any = None) -> None:
+        super().__init__(reason)
+        self.data_dir = data_dir
+        self.holder = holder
 
 
 class CommandError(MCError):

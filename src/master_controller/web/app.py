@@ -29,6 +29,7 @@ from master_controller.auth import TicketRedaction, Tickets, load_secret
 from master_controller.credentials import CredentialStore
 from master_controller.errors import ConfigError, MCError
 from master_controller.images.store import ImageStore
+from master_controller.instance import claim
 from master_controller.metrics import SESSIONS
 from master_controller.network.egress import EgressProxy
 from master_controller.runtimes import best_runtime, get_runtime
@@ -107,6 +108,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        controller = claim(settings)  # first: a second controller stops here, touching nothing
         previous_umask = os.umask(UMASK)
         try:
             async with _services(app) as probes:
@@ -114,6 +116,7 @@ def create_app(
                 yield
         finally:
             os.umask(previous_umask)
+            controller.release()
 
     @asynccontextmanager
     async def _services(app: FastAPI) -> AsyncIterator[ProbeCache]:
