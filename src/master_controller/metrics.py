@@ -16,3 +16,13 @@ PROXY_CONNECTIONS = Gauge("mc_proxy_connections", "Viewer WebSockets open now")
 PROXY_CONNECTIONS_TOTAL = Counter(
     "mc_proxy_connections_opened", "Viewer WebSockets opened", ["outcome"]
 )
+# sampled by master_controller.looplag: how late the event loop woke a sleeping task
+LOOP_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+LOOP_LAG = Histogram(
+    "mc_event_loop_lag_seconds",
+    "How late the event loop ran a task that was due (every viewer waits as long)",
+    buckets=LOOP_LAG_BUCKETS,
+)
+LOOP_LAG_MAX = Gauge(
+    "mc_event_loop_lag_max_seconds", "The largest event loop lag in the last minute"
+)

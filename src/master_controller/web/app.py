@@ -30,6 +30,7 @@ from master_controller.credentials import CredentialStore
 from master_controller.errors import ConfigError, MCError
 from master_controller.images.store import ImageStore
 from master_controller.instance import claim
+from master_controller.looplag import LoopLagMonitor
 from master_controller.metrics import SESSIONS
 from master_controller.network.egress import EgressProxy
 from master_controller.runtimes import best_runtime, get_runtime
@@ -123,6 +124,10 @@ def create_app(
         protect_data_dir(settings.data_dir)
         redact_logs()
         async with AsyncExitStack() as stack:
+            # first: a start-up that blocks the loop shows in the lag metrics too
+            lag = LoopLagMonitor()
+            lag.start()
+            stack.push_async_callback(lag.stop)
             db = Database(settings.database)
             stack.push_async_callback(db.close)
             await asyncio.to_thread(db.migrate)
