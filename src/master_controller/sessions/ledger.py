@@ -41,6 +41,9 @@ class SessionLedger:
         """Record a new session, with its first state's event, in one commit."""
         async with self.db.session() as db:
             db.add(row)
+            # the row first: the event refers to it, and nothing (no relationship) tells the
+            # unit of work to insert the session before its event
+            await db.flush()
             repo.stage_event(db, row.id, "state", row.state)
             await db.commit()
         return row

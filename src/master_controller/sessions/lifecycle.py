@@ -79,6 +79,7 @@ class Lifecycle:
         if only_from is not None and State(row.state) not in only_from:
             return row
         row = await self.transition(session_id, state, reason)
+        self.work.drop_watcher(session_id)
         await self.viewers.session_ended(session_id, f"session {state}: {reason}")
         if row.guest_id is not None:
             with contextlib.suppress(MCError):

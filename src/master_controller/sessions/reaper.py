@@ -37,6 +37,10 @@ class Reaper:
         it destroyed one)."""
         lifecycle, runtime = self.lifecycle, self.lifecycle.runtime
         for row in await lifecycle.ledger.in_states(ACTIVE):
+            if State(row.state) == State.AUTHENTICATING and await self.sign_in.finish_if_stored(
+                row
+            ):
+                continue  # stopped during its capture, after the store: captured now
             try:
                 alive = runtime.status(lifecycle.guest(row)) == GuestStatus.RUNNING
             except MCError:
@@ -94,24 +98,37 @@ class Reaper:
 
     async def _expire_kept(self, now: datetime) -> None:
         """Hibernated guests (and captured ones kept) are destroyed, their snapshots and
-        disk layers with them, ``hibernated_ttl`` after their last activity."""
+        disk layers with them, ``hibernated_ttl`` after their last activity. A captured
+        session's guest is kept only hibernated: one left otherwise (the capture could not
+        destroy it) is destroyed now."""
         lifecycle = self.lifecycle
         ttl = timedelta(seconds=self.settings.hibernated_ttl)
         kept = await lifecycle.ledger.in_states({State.HIBERNATED, State.CAPTURED})
-        expired = [r for r in kept if now - r.last_activity_at > ttl]
-        guests = {g.guest_id for g in lifecycle.runtime.guests()} if expired else set()
-        for row in expired:
+        guests = {g.guest_id: g for g in lifecycle.runtime.guests()} if kept else {}
+        for row in kept:
             if lifecycle.work.busy(row.id):
                 continue
+            expired = now - row.last_activity_at > ttl
             if State(row.state) == State.HIBERNATED:
-                why = f"hibernated for over {self.settings.hibernated_ttl:.0f}s"
-                await lifecycle.end(row.id, State.TERMINATED, why, only_from={State.HIBERNATED})
-            elif row.guest_id in guests:
-                async with lifecycle.work.lock(row.id):  # not while it resumes
-                    with contextlib.suppress(MCError):
-                        await lifecycle.runtime.destroy(lifecycle.guest(row))
-                detail = StepRecord("kept guest destroyed", 0.0, True, "expired")
-                await lifecycle.ledger.record(row.id, detail)
+                if expired:
+                    why = f"hibernated for over {self.settings.hibernated_ttl:.0f}s"
+                    await lifecycle.end(row.id, State.TERMINATED, why, only_from={State.HIBERNATED})
+                continue
+            guest = guests.get(row.guest_id or "")
+            if guest is None:
+                continue
+            with contextlib.suppress(MCError):
+                if not expired and lifecycle.runtime.status(guest) == GuestStatus.HIBERNATED:
+                    continue
+            async with lifecycle.work.lock(row.id):  # not while it resumes
+                if State((await lifecycle.ledger.get(row.id)).state) != State.CAPTURED:
+                    continue
+                with contextlib.suppress(MCError):
+                    await lifecycle.runtime.destroy(lifecycle.guest(row))
+            why = "expired" if expired else "left running after the capture"
+            await lifecycle.ledger.record(
+                row.id, StepRecord("kept guest destroyed", 0.0, True, why)
+            )
 
     async def run(self, interval: float = REAP_INTERVAL) -> None:
         while True:

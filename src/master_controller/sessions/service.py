@@ -165,6 +165,7 @@ class SessionService:
         async with self.work.lock(session_id):
             before = State((await self.ledger.get(session_id)).state)
             row = await lifecycle.transition(session_id, State.HIBERNATING)
+            self.work.drop_watcher(session_id)  # one a boot started while we waited
             await self.viewers.session_hibernated(session_id)
             started = time.monotonic()
             try:

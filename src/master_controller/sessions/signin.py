@@ -10,7 +10,7 @@ import time
 
 from master_controller.agent_client import GuestAgent
 from master_controller.credentials import Captured, CredentialStore
-from master_controller.errors import GuestAgentError, HibernateFailed, MCError
+from master_controller.errors import GuestAgentError, MCError
 from master_controller.runtimes.base import GuestState
 from master_controller.sessions import guest_input, providers
 from master_controller.sessions.lifecycle import Lifecycle
@@ -27,6 +27,7 @@ class SignIn:
         self.lifecycle = lifecycle
         self.credentials = credentials
         self.settings = lifecycle.settings
+        self.watch_interval = WATCH_INTERVAL  # seconds between looks at the login
 
     def agent(self, row: SessionRow) -> GuestAgent:
         return GuestAgent(self.lifecycle.runtime, self.lifecycle.guest(row))
@@ -58,10 +59,10 @@ class SignIn:
             return False
         return stored.session_id == row.id
 
-    async def _follow(self, row: SessionRow, interval: float = WATCH_INTERVAL) -> None:
+    async def _follow(self, row: SessionRow) -> None:
         """Record what the agent saw (prompts answered, the auth URL) as events until the
         credentials are valid, then capture them under the session's lock."""
-        session_id, lifecycle = row.id, self.lifecycle
+        session_id, lifecycle, interval = row.id, self.lifecycle, self.watch_interval
         agent = self.agent(row)
         reported: set[str] = set()
         try:
@@ -99,6 +100,26 @@ class SignIn:
                     only_from={State.AUTHENTICATING},
                 )
 
+    async def finish_if_stored(self, row: SessionRow) -> bool:
+        """At start-up: whether this authenticating session's credentials were stored by a
+        controller that stopped before the session was captured; if so, the capture is
+        finished now (its guest destroyed, or kept as ``after_capture`` says)."""
+        if not await self._captured(row):
+            return False
+        lifecycle = self.lifecycle
+        async with lifecycle.work.lock(row.id):
+            row = await lifecycle.ledger.get(row.id)
+            if State(row.state) != State.AUTHENTICATING:
+                return True
+            try:
+                agent = self.agent(row)
+            except MCError:
+                reason = "credentials stored; its guest was gone"
+                await lifecycle.transition(row.id, State.CAPTURED, reason)
+                return True
+            await self._capture(row, agent)
+        return True
+
     async def _note(self, session_id: str, reported: set[str], name: str, detail: str) -> None:
         if name not in reported:
             reported.add(name)
@@ -115,21 +136,45 @@ class SignIn:
         if lifecycle.egress is not None and row.browser_ip is not None:
             lifecycle.egress.revoke(row.browser_ip)
         await lifecycle.viewers.session_ended(row.id, "credentials captured")
-        checked = guest_input.credentials(row.provider, await agent.fetch_credentials())
-        captured = Captured(
-            provider=row.provider, files=checked.files, expires_at=checked.status.expires_at
-        )
-        stored = await self.credentials.store(row.user_id, captured, row.id, row.api_key_id)
-        await lifecycle.ledger.record(
-            row.id, StepRecord("credentials stored", time.monotonic() - started, True, stored.files)
-        )
-        guest = lifecycle.guest(row)
+        if await self._captured(row):
+            # stored already: a controller stopped after the store and before the session
+            # was captured (the agent hands the files out once); only the guest is left
+            log.info("session %s: credentials stored before a restart", row.id)
+        else:
+            checked = guest_input.credentials(row.provider, await agent.fetch_credentials())
+            captured = Captured(
+                provider=row.provider, files=checked.files, expires_at=checked.status.expires_at
+            )
+            stored = await self.credentials.store(row.user_id, captured, row.id, row.api_key_id)
+            seconds = time.monotonic() - started
+            await lifecycle.ledger.record(
+                row.id, StepRecord("credentials stored", seconds, True, stored.files)
+            )
+        # the sign-in has succeeded: whatever becomes of the guest, the session is captured
+        outcome = await self._make_harmless(row, agent)
+        await lifecycle.transition(row.id, State.CAPTURED, f"credentials stored; {outcome}")
+
+    async def _make_harmless(self, row: SessionRow, agent: GuestAgent) -> str:
+        """Destroy the captured session's guest, or keep it wiped and hibernated; says what
+        became of it. A guest that could not be destroyed is left to the reaper, which
+        destroys a captured session's guest unless it is hibernated."""
+        lifecycle = self.lifecycle
+        try:
+            guest = lifecycle.guest(row)
+        except MCError:
+            return "its guest was gone"
         outcome = "guest destroyed"
         if self.settings.after_capture == "hibernate":
             outcome = await self._wipe_and_hibernate(row.id, agent, guest)
         if outcome != "guest hibernated":
-            await lifecycle.runtime.destroy(guest)
-        await lifecycle.transition(row.id, State.CAPTURED, f"credentials stored; {outcome}")
+            try:
+                await lifecycle.runtime.destroy(guest)
+            except MCError as exc:
+                await lifecycle.ledger.record(
+                    row.id, StepRecord("destroy guest", 0.0, False, exc.reason[:500])
+                )
+                return f"destroying the guest failed ({exc.reason}); the reaper retries"
+        return outcome
 
     async def _wipe_and_hibernate(
         self, session_id: str, agent: GuestAgent, guest: GuestState
@@ -154,7 +199,9 @@ class SignIn:
             return "the guest's browser did not restart after the wipe, so it was destroyed"
         try:
             await self.lifecycle.runtime.hibernate(guest)
-        except HibernateFailed as exc:  # the credentials are safe; the guest is not needed
+        except MCError as exc:
+            # HibernateFailed (it runs on), or any other error (its state unknown): the
+            # credentials are safe, and the guest is not kept
             return f"hibernating failed ({exc.reason}), so the guest was destroyed"
         return "guest hibernated"
 

@@ -82,6 +82,16 @@ class SessionWork:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await watcher
 
+    def drop_watcher(self, session_id: str) -> None:
+        """Stop following the session's login, for a caller that holds the session's lock
+        and takes the session out of ``authenticating``: a watcher cannot be capturing
+        then (a capture holds the lock), at most waiting to, and it must not follow a login
+        that is no longer there (a boot that held the lock may have started it after the
+        caller's :meth:`stop_watcher`)."""
+        watcher = self._watchers.pop(session_id, None)
+        if watcher is not None and watcher is not asyncio.current_task():
+            watcher.cancel()
+
     async def stop(self, session_id: str) -> None:
         """Cancel the session's boot or resume and stop its watcher (waiting for a
         capture). Call without holding the session's lock."""
