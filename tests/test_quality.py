@@ -125,3 +125,32 @@ def test_the_guest_agent_never_imports_the_controller() -> None:
         if "master_controller" in p.read_text()
     ]
     assert not offending, offending
+
+
+def test_the_error_tree_in_errors_docstring_is_whole() -> None:
+    """Every error class is drawn in the tree, under its real parent."""
+    import inspect
+
+    from master_controller import errors
+
+    tree = errors.__doc__ or ""
+    drawn: dict[str, str] = {}  # class -> parent, from the drawing's indentation
+    stack: list[tuple[int, str]] = []
+    for line in tree.splitlines():
+        words = line.replace("├──", " ").replace("└──", " ").replace("│", " ").split()
+        if not words or not words[0].isidentifier() or not words[0][0].isupper():
+            continue
+        depth = len(line) - len(line.lstrip(" │├└─"))
+        while stack and stack[-1][0] >= depth:
+            stack.pop()
+        drawn[words[0]] = stack[-1][1] if stack else ""
+        stack.append((depth, words[0]))
+    classes = {
+        name: cls.__base__.__name__
+        for name, cls in vars(errors).items()
+        if inspect.isclass(cls) and issubclass(cls, errors.MCError) and cls is not errors.MCError
+    }
+    missing = sorted(set(classes) - set(drawn))
+    assert not missing, f"draw these in errors.py's tree: {missing}"
+    wrong = {n: (drawn[n], p) for n, p in classes.items() if drawn[n] != p}
+    assert not wrong, f"drawn under the wrong parent (drawn, real): {wrong}"

@@ -32,6 +32,7 @@ from master_controller.steps import StepLog
 from master_controller.store import repo
 from master_controller.store.database import Database
 from master_controller.verification import Verifier
+from mc_agent import providers
 
 T = TypeVar("T")
 
@@ -435,7 +436,7 @@ def _api(method: str, path: str, api_key: str | None, body: Any = None) -> Any:
 @session_app.command("start")
 def session_start(
     user: str = typer.Option(..., "--user"),
-    provider: str = typer.Option("claude_code"),
+    provider: str = typer.Option("claude_code", help=f"One of: {', '.join(providers.names())}."),
     api_key: str | None = typer.Option(None, help="Default: MC_API_KEY."),
 ) -> None:
     """Start a sign-in session through the running controller; prints the viewer link."""

@@ -7,7 +7,7 @@ catch these. A refusal a person sees carries a ``reason`` and an HTTP ``status``
 ::
 
     MCError
-     ├── ConfigError                 bad settings or recipe
+     ├── ConfigError                 bad settings or recipe (400)
      │    └── DataDirInUse           another controller runs on this data dir; names it (409)
      ├── CommandError                an external command failed (argv, exit code, tail of output)
      ├── ImageError
@@ -16,15 +16,26 @@ catch these. A refusal a person sees carries a ``reason`` and an HTTP ``status``
      │    ├── VerificationFailed     a check failed; names what is missing
      │    └── PromotionRefused       the image did not pass verification
      ├── RuntimeUnavailable          this host cannot run the requested runtime (and why)
-     ├── StorageFull                 a file system we write to is (about to be) full
+     ├── StorageFull                 a file system we write to is (about to be) full (507)
      ├── GuestError
+     │    ├── GuestAgentError        the guest's agent failed, refused or broke a bound (502)
      │    ├── GuestNotFound
      │    ├── GuestStartFailed       a start step failed; its resources were released
      │    ├── HibernateFailed        saving failed; the guest was left running
      │    └── GuestStateError        the operation does not fit the guest's state
      ├── NetworkError
      │    └── AddressPoolExhausted
-     └── ProbeError                  a readiness check from outside the guest failed
+     ├── ProbeError                  a readiness check from outside the guest failed
+     ├── SessionError
+     │    ├── SessionNotFound        (404; also what another key's session looks like)
+     │    ├── SessionStateError      the operation does not fit the session's state (409)
+     │    ├── TooManySessions        a capacity or quota is full (429, Retry-After)
+     │    └── NoImage                no promoted image (503)
+     ├── VaultError                  a record does not decrypt (wrong key, or altered)
+     │    └── VaultBusy              a key rotation holds the vault (503, Retry-After)
+     ├── CredentialsNotFound         (404)
+     ├── AmbiguousCredentials        an admin must say whose record (409)
+     └── RateLimited                 (429, Retry-After)
 """
 
 from __future__ import annotations

@@ -106,7 +106,11 @@ def test_qemu_session_hibernates_and_resumes_with_its_page(
             time.sleep(0.5)
         _, boot_id = window_titles(agent)
         shown = settled_frame(ctl, session_id)
-        assert same_share(first, shown) < 0.9  # the new page changed the screen
+        # The new tab changed the screen. Both pages are Chromium's "can't reach" page (the
+        # provider's sign-in page is unreachable from here, the .invalid host refused by
+        # egress), so they differ in the tab strip, the address bar and a line of text:
+        # about 3% of the screen. The window title (checked below) tells the pages apart.
+        assert same_share(first, shown) < 0.995
 
         # the disk fills during a hibernate: the partial snapshot is removed, the guest runs
         # on with the same page, and the session is ready again, saying why
@@ -134,7 +138,9 @@ def test_qemu_session_hibernates_and_resumes_with_its_page(
         body = ctl.wait_for(session_id, {"ready", "failed"}, timeout=120)
         assert body["status"] == "ready", body
         after = settled_frame(ctl, session_id)
-        assert same_share(shown, after) > 0.97  # the same page is on screen
+        # the same page is on screen: alike, and closer to it than to the first page
+        assert same_share(shown, after) > 0.97
+        assert same_share(shown, after) > same_share(first, after)
         titles, boot_id_after = window_titles(agent)
         assert any(mark in t for t in titles) and boot_id_after == boot_id
     finally:

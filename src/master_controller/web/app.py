@@ -109,7 +109,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        controller = claim(settings)  # first: a second controller stops here, touching nothing
+        refuse_shared_folder(settings.data_dir)  # before the lock file is made in it
+        controller = claim(settings)  # then: a second controller stops here, touching nothing
         previous_umask = os.umask(UMASK)
         try:
             async with _services(app) as probes:
@@ -257,17 +258,24 @@ NOT_SECRET = ("images", "cache")
 SHARED_FOLDERS = {"/", "/var", "/var/lib", "/home", "/root", "/usr", "/etc", "/opt", "/srv"}
 
 
+def refuse_shared_folder(data_dir: Path) -> None:
+    """A data dir must be the controller's own: never a system folder nor a sticky one like
+    /tmp (tightening it, or leaving a lock file in it, would touch what others share)."""
+    resolved = data_dir.resolve()
+    if str(resolved) in SHARED_FOLDERS or (
+        resolved.exists() and resolved.stat().st_mode & stat.S_ISVTX
+    ):
+        raise ConfigError(f"data_dir {data_dir} is a shared folder: give the controller its own")
+
+
 def protect_data_dir(data_dir: Path) -> None:
     """The data dir 0700 (created so if missing). Also narrows what an older version or a
     wider umask left: the folders holding guests and leases, each guest's folder, and the
     plain files in them lose every group and other permission. Guests' own file systems
     (their disk layers inside their folders) are left as the guest made them: the 0700
     folders around them are what keeps them private."""
+    refuse_shared_folder(data_dir)
     resolved = data_dir.resolve()
-    if str(resolved) in SHARED_FOLDERS or (
-        resolved.exists() and resolved.stat().st_mode & stat.S_ISVTX
-    ):
-        raise ConfigError(f"data_dir {data_dir} is a shared folder: give the controller its own")
     resolved.mkdir(mode=0o700, parents=True, exist_ok=True)
     _narrow(resolved)
     for child in resolved.iterdir():

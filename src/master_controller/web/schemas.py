@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
 from master_controller.store.models import CredentialRow, EventRow
+from mc_agent import providers
 
-Provider = Literal["claude_code", "codex", "gemini_cli", "oauth2"]
+
+def _known_provider(name: str) -> str:
+    if name not in providers.names():
+        raise ValueError(f"unknown provider; known: {', '.join(providers.names())}")
+    return name
+
+
+# the providers' names come from their registry (mc_agent.providers), declared once there
+Provider = Annotated[
+    str,
+    AfterValidator(_known_provider),
+    WithJsonSchema({"type": "string", "enum": list(providers.names())}),
+]
 USER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$"
 
 
