@@ -41,6 +41,7 @@ from master_controller.viewing.readiness import (
     websocket_upgrade,
 )
 from master_controller.viewing.rfb import SECURITY_NONE
+from mc_agent import WEBSOCKIFY_PORT
 
 SCREENSHOT = "screenshot.png"
 T = TypeVar("T")
@@ -231,7 +232,7 @@ class Verifier:
 
 # check name -> BootChecks method, in the order they run
 BOOT_CHECKS = {
-    "websocket 101 on 6080": "websocket_101",
+    f"websocket 101 on {WEBSOCKIFY_PORT}": "websocket_101",
     "rfb 3.8 handshake with password": "rfb_handshake",
     "non-blank frame": "non_blank_frame",
     "chromium window on :1": "chromium_window",

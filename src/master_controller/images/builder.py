@@ -1,11 +1,15 @@
-"""Building images: recipe -> base layer -> configuration layer -> image in the store.
+"""Building images: recipe -> base layer (+ tools layer) -> configuration layer -> image in
+the store.
 
-Two cached layers, each keyed by the digest of its inputs:
+Three layers, each keyed by the digest of its inputs:
 
 - the base layer, a Debian rootfs made by mmdebstrap from the recipe's suite and packages
   (minutes, cold); cached under ``<data_dir>/cache/layers/base-<key>``;
-- the configuration layer: units, files and the guest agent on top of a hard-linked copy of
-  the base (seconds).
+- the tools layer, when the recipe names a ``tools`` folder: its npm packages (the CLIs
+  people sign in to) installed from its lock file, cached by the lock file's digest under
+  ``<data_dir>/cache/layers/tools-<key>``;
+- the configuration layer: units, files, the tools and the guest agent on top of a
+  hard-linked copy of the base (seconds; made for each build, never cached).
 
 The image id is derived from the content: the base rootfs's tree digest, the configuration
 layer's file digests and the kernel and initrd digests. Everything is made in a staging folder

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from master_controller.images.units import exec_start, parse_unit, unit_path
+from mc_agent import AGENT_PORT, VNC_PORT, WEBSOCKIFY_PORT
 
 REQUIRED_PACKAGES = (
     "systemd",
@@ -65,18 +66,26 @@ BROWSER_UNITS = (
     UnitContract(
         "x11vnc.service",
         "/usr/bin/x11vnc",
-        required_args=("-display", ":1", "-rfbport", "5900", "-localhost", "-forever", "-shared"),
+        required_args=(
+            "-display",
+            ":1",
+            "-rfbport",
+            str(VNC_PORT),
+            "-localhost",
+            "-forever",
+            "-shared",
+        ),
         one_of_args=("-rfbauth", "-passwdfile"),
         forbidden_args=("-nopw",),
         after=("xvfb.service", "mc-config.service"),
-        ports=(5900,),
+        ports=(VNC_PORT,),
     ),
     UnitContract(
         "websockify.service",
         "/usr/bin/websockify",
-        required_args=("--web", "0.0.0.0:6080", "127.0.0.1:5900"),
+        required_args=("--web", f"0.0.0.0:{WEBSOCKIFY_PORT}", f"127.0.0.1:{VNC_PORT}"),
         after=("x11vnc.service",),
-        ports=(6080,),
+        ports=(WEBSOCKIFY_PORT,),
     ),
     UnitContract(
         "chromium.service",
@@ -97,7 +106,7 @@ BROWSER_UNITS = (
         "/usr/bin/python3",
         required_args=("mc_agent", "serve"),
         after=("mc-config.service",),
-        ports=(8080,),
+        ports=(AGENT_PORT,),
     ),
 )
 

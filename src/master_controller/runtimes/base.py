@@ -36,9 +36,7 @@ from master_controller.diskspace import full_reason, is_full_error
 from master_controller.errors import GuestNotFound, StorageFull
 from master_controller.settings import Settings
 from master_controller.steps import StepLog
-
-WEBSOCKIFY_PORT = 6080
-AGENT_PORT = 8080
+from mc_agent import AGENT_PORT, WEBSOCKIFY_PORT
 
 
 class GuestStatus(StrEnum):
