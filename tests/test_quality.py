@@ -43,7 +43,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
         "ground floor",
         frozenset(
             {"__init__", "settings", "errors", "commands", "process", "steps", "digests"}
-            | {"diskspace", "metrics", "looplag", "instance"}
+            | {"diskspace", "metrics", "capacity", "looplag", "instance"}
         ),
     ),
     ("store", frozenset({"store"})),

@@ -19,6 +19,7 @@ from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from master_controller.auth import create_api_key, revoke_api_key
+from master_controller.capacity import HostCapacity
 from master_controller.errors import MCError
 from master_controller.images.builder import ImageBuilder, prune_layers
 from master_controller.images.recipe import Recipe
@@ -249,6 +250,11 @@ def doctor(as_json: bool = typer.Option(False, "--json")) -> None:
         "chosenRuntime": chosen,
         "currentImage": store.current(),
         "images": len(store.ids()),
+        "capacity": {
+            "maxSessions": settings.max_sessions,
+            "maxConcurrentBoots": settings.max_concurrent_boots,
+            "defaults": HostCapacity.of_this_host().explain(),
+        },
     }
     if as_json:
         _print_json(report)
@@ -267,6 +273,12 @@ def doctor(as_json: bool = typer.Option(False, "--json")) -> None:
     else:
         console.print(f"controller: running ({holder.describe() or 'not named yet'})")
     console.print(f"current image: {report['currentImage'] or 'none (run `image build`)'}")
+    console.print(
+        f"capacity: max_sessions {settings.max_sessions}, "
+        f"max_concurrent_boots {settings.max_concurrent_boots}"
+    )
+    for line in HostCapacity.of_this_host().explain():
+        console.print(f"  {line}")
 
 
 @app.command("serve")

@@ -26,3 +26,14 @@ LOOP_LAG = Histogram(
 LOOP_LAG_MAX = Gauge(
     "mc_event_loop_lag_max_seconds", "The largest event loop lag in the last minute"
 )
+# admission (sessions.admission): boots wait for a slot instead of overloading the host
+BOOT_QUEUE = Gauge("mc_boot_queue", "Starts waiting for a boot slot")
+BOOT_SLOTS_IN_USE = Gauge("mc_boot_slots_in_use", "Guests booting or resuming now")
+BOOT_QUEUE_WAIT = Histogram(
+    "mc_boot_queue_wait_seconds",
+    "How long a start waited for a boot slot",
+    buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 20, 40, 80, 160),
+)
+START_RETRIES = Counter(
+    "mc_session_start_retries", "Starts retried on a fresh guest after a transient failure"
+)

@@ -21,6 +21,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from master_controller.capacity import default_max_concurrent_boots, default_max_sessions
+
 DEFAULT_CONFIG_FILE = Path("/etc/master-controller/config.toml")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -123,7 +125,18 @@ class Settings(BaseSettings):
     )
     rate_limit_burst: int = Field(60, ge=1, description="Requests a key may make at once.")
     max_viewers: int = Field(4, ge=1, description="Viewer connections per session at once.")
-    max_sessions: int = Field(6, ge=1, description="Concurrent live sessions on this host.")
+    max_sessions: int = Field(
+        default_factory=default_max_sessions,
+        ge=1,
+        description="Concurrent live sessions on this host (default: from its memory and "
+        "CPUs; `master-controller doctor` shows how).",
+    )
+    max_concurrent_boots: int = Field(
+        default_factory=default_max_concurrent_boots,
+        ge=1,
+        description="Guests booting or resuming at once (default: 2 per CPU); further "
+        "starts wait in a queue, in order, and their boot timeout starts when they boot.",
+    )
     idle_timeout: float = Field(
         600.0, description="Seconds a ready session may go without a viewer before it ends."
     )

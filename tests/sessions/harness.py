@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from master_controller.credentials import CredentialStore
-from master_controller.errors import MCError
 from master_controller.sessions.service import SessionService
 from master_controller.sessions.states import TERMINAL, State
 from master_controller.settings import Settings
@@ -157,14 +156,11 @@ class Core:
 
     async def leaked(self) -> list[str]:
         """Guests still on the host whose session has ended (or that no session has)."""
+        sessions = {r.guest_id: r for r in await self.service.ledger.in_states(set(State))}
         found = []
         for guest_id in self.runtime.existing():
-            try:
-                row = await self.service.get(guest_id)
-            except MCError:
-                found.append(guest_id)
-                continue
-            if State(row.state) in TERMINAL:
+            row = sessions.get(guest_id)
+            if row is None or State(row.state) in TERMINAL:
                 found.append(guest_id)
         return found
 

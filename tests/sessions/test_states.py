@@ -32,7 +32,8 @@ S = State
 LIVE = set(State) - {S.TERMINATED, S.FAILED}
 # what the design allows besides ending (any live state may become terminated or failed)
 NEXT = {
-    S.PROVISIONING: {S.BOOTING},
+    S.PROVISIONING: {S.QUEUED, S.BOOTING},
+    S.QUEUED: {S.BOOTING},
     S.BOOTING: {S.READY},
     S.READY: {S.AUTHENTICATING, S.HIBERNATING},
     S.AUTHENTICATING: {S.CAPTURED, S.READY, S.HIBERNATING},

@@ -75,11 +75,12 @@ class SessionLedger:
                 db, session_id, "step", step.name, step.ok, round(step.seconds, 3), step.detail
             )
 
-    async def set_address(self, session_id: str, address: str | None) -> None:
+    async def set_guest(self, session_id: str, guest_id: str, address: str | None) -> None:
+        """The session's guest (a retried start has a new one) and its address."""
         async with self.db.session() as db:
             row = await repo.get_session(db, session_id)
             if row is not None:
-                row.browser_ip = address
+                row.guest_id, row.browser_ip = guest_id, address
                 await db.commit()
 
     async def touch(self, session_id: str) -> None:

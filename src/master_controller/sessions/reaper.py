@@ -86,9 +86,11 @@ class Reaper:
         idle = now - row.last_activity_at > timedelta(seconds=s.idle_timeout)
         if state in VIEWABLE and idle and self.lifecycle.viewers.count(row.id) == 0:
             return State.TERMINATED, f"no viewer for {s.idle_timeout:.0f}s"
-        if state in (State.PROVISIONING, State.BOOTING) and now - row.created_at > timedelta(
-            seconds=s.boot_timeout + 30
-        ):
+        if state in (
+            State.PROVISIONING,
+            State.QUEUED,
+            State.BOOTING,
+        ) and now - row.created_at > timedelta(seconds=s.boot_timeout + 30):
             return State.FAILED, "its start never finished"
         if state in VIEWABLE:
             with contextlib.suppress(MCError):

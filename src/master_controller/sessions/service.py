@@ -30,6 +30,7 @@ from master_controller.images.store import ImageStore
 from master_controller.network.egress import EgressProxy
 from master_controller.runtimes.base import GuestFacts, GuestStatus, Runtime
 from master_controller.sessions import guest_input, providers
+from master_controller.sessions.admission import BootSlots
 from master_controller.sessions.bringup import GuestBringUp, ViewerPathCheck
 from master_controller.sessions.ledger import SessionLedger
 from master_controller.sessions.lifecycle import Lifecycle
@@ -71,7 +72,8 @@ class SessionService:
         self.work = SessionWork()
         self.lifecycle = Lifecycle(settings, self.ledger, runtime, viewers, self.work, egress)
         self.sign_in = SignIn(self.lifecycle, credentials)
-        self.bring_up = GuestBringUp(self.lifecycle, self.sign_in, viewer_path)
+        self.slots = BootSlots(settings.max_concurrent_boots)
+        self.bring_up = GuestBringUp(self.lifecycle, self.sign_in, viewer_path, self.slots)
         self.reaper = Reaper(self.lifecycle, self.sign_in)
         self.images = ImageStore(settings.images_dir)
         self._admission = asyncio.Lock()  # capacity checks and admissions, one at a time
@@ -87,6 +89,11 @@ class SessionService:
             return self.runtime.describe(self.lifecycle.guest(row))
         except MCError:
             return GuestFacts(GuestStatus.DESTROYED)
+
+    def queue_position(self, session_id: str) -> int | None:
+        """How many starts wait for a boot slot ahead of this session's (None: it is not
+        waiting)."""
+        return self.slots.ahead_of(session_id)
 
     def viewer_target(self, row: SessionRow) -> ViewerTarget:
         """Where a viewer of a ready session is relayed to (raises MCError without one)."""

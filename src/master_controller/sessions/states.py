@@ -9,6 +9,7 @@ from master_controller.errors import SessionStateError
 
 class State(StrEnum):
     PROVISIONING = "provisioning"
+    QUEUED = "queued"  # waiting for a boot slot (admission)
     BOOTING = "booting"
     READY = "ready"
     AUTHENTICATING = "authenticating"
@@ -31,7 +32,8 @@ ACTIVE = frozenset(State) - TERMINAL - {State.HIBERNATED, State.CAPTURED}
 HOLDING = ACTIVE | {State.HIBERNATED, State.CAPTURED}
 
 _NEXT: dict[State, frozenset[State]] = {
-    State.PROVISIONING: frozenset({State.BOOTING}),
+    State.PROVISIONING: frozenset({State.QUEUED, State.BOOTING}),
+    State.QUEUED: frozenset({State.BOOTING}),
     State.BOOTING: frozenset({State.READY}),
     State.READY: frozenset({State.AUTHENTICATING, State.HIBERNATING}),
     State.AUTHENTICATING: frozenset({State.CAPTURED, State.READY, State.HIBERNATING}),

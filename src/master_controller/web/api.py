@@ -57,6 +57,7 @@ async def session_view(svc: Services, row: SessionRow, with_events: bool = True)
         ended_at=row.ended_at,
         last_activity_at=row.last_activity_at,
         viewers=svc.viewers.count(row.id),
+        queue_position=svc.sessions.queue_position(row.id),
         novnc_url=viewer_url(svc, row.id) if live else None,
         events=events,
     )

@@ -88,6 +88,9 @@ class SessionView(Camel):
     ended_at: datetime | None
     last_activity_at: datetime
     viewers: int
+    queue_position: int | None = Field(
+        None, description="While queued for a boot slot: how many starts are ahead of it."
+    )
     novnc_url: str | None = Field(None, alias="novncURL")
     events: list[EventView] = []
 
@@ -111,6 +114,7 @@ class ViewerStatus(Camel):
     reason: str
     ready: bool
     ended: bool
+    queue_position: int | None = None
     events: list[EventView]
 
 

@@ -105,6 +105,7 @@ async def viewer_status(
         reason=row.reason,
         ready=State(row.state) in VIEWABLE,
         ended=State(row.state) in TERMINAL,
+        queue_position=svc.sessions.queue_position(session_id),
         events=[EventView.of(e) for e in events],
     )
 

@@ -84,6 +84,10 @@ async function waitUntilReady() {
     }
     if (["hibernating", "hibernated"].includes(status.status)) {
       show("hibernated", "Hibernated", REASONS[4412]);
+    } else if (status.queuePosition !== null && status.queuePosition !== undefined) {
+      const ahead = status.queuePosition;
+      const who = ahead === 0 ? "you are next" : `${ahead} ahead of you`;
+      show("booting", "Waiting…", `Many people are signing in right now: waiting for a free slot, ${who}…`);
     } else if (status.status === "resuming") {
       show("booting", "Resuming…", "Waking your isolated browser up…");
     } else {
