@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import shutil
 
-from master_controller.commands import run
+from master_controller.commands import arun
 from master_controller.errors import CommandError, NetworkError
 
 TABLE = "master_controller"
@@ -51,18 +51,20 @@ def available() -> bool:
     return shutil.which("nft") is not None
 
 
-def ensure_isolation(egress_port: int = 0) -> None:
+async def ensure_isolation(egress_port: int = 0) -> None:
     """Install the guest isolation rules (one nftables transaction) unless this version is
     there already, and let guests reach ``egress_port`` on the host (0: no egress)."""
     try:
         try:
-            current = run(["nft", "list", "table", "inet", TABLE], timeout=10)
+            current = await arun(["nft", "list", "table", "inet", TABLE], timeout=10)
         except CommandError:
             current = ""
         if VERSION not in current:
-            run(["nft", "-f", "-"], input_text=RULESET, timeout=10)
+            await arun(["nft", "-f", "-"], input_text=RULESET, timeout=10)
         if egress_port:
             element = f"{{ {int(egress_port)} }}"
-            run(["nft", "add", "element", "inet", TABLE, "egress_ports", element], timeout=10)
+            await arun(
+                ["nft", "add", "element", "inet", TABLE, "egress_ports", element], timeout=10
+            )
     except CommandError as exc:
         raise NetworkError(f"installing the guest firewall rules: {exc.reason}") from exc

@@ -9,16 +9,14 @@ between guest links: see :func:`ensure_isolation`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pyroute2 import IPRoute, NetNS, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from master_controller.commands import in_thread
 from master_controller.errors import NetworkError
 from master_controller.network.ipam import Lease
 
@@ -118,29 +116,18 @@ def remove(link: GuestLink) -> None:
             raise NetworkError(f"removing namespace {link.namespace}: {exc}") from exc
 
 
-async def _to_the_end(function: Callable[..., None], *args: Any) -> None:
-    """Run ``function`` in a worker thread (pyroute2's synchronous sockets run an event loop
-    of their own) and wait for it to finish even if the caller is cancelled meanwhile: a
-    thread cannot be stopped, and returning early would let the caller's clean-up race it
-    (removing a namespace that is only then created). The cancellation is raised after."""
-    work = asyncio.ensure_future(asyncio.to_thread(function, *args))
-    try:
-        await asyncio.shield(work)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await work
-        raise
-
-
 async def acreate(
     link: GuestLink, lease: Lease, tap: str | None = None, tap_owner: int | None = None
 ) -> None:
     """:func:`create` from async code."""
-    await _to_the_end(create, link, lease, tap, tap_owner)
+    # pyroute2's synchronous sockets run an event loop of their own: a worker thread, waited
+    # for to the end even by a cancelled caller, whose clean-up must not race it (removing a
+    # namespace that is only then created)
+    await in_thread(create, link, lease, tap, tap_owner)
 
 
 async def aremove(link: GuestLink) -> None:
-    await _to_the_end(remove, link)
+    await in_thread(remove, link)
 
 
 async def aexists(link: GuestLink) -> bool:

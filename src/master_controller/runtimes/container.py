@@ -22,7 +22,7 @@ from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from master_controller.commands import run
+from master_controller.commands import arun, in_thread, run
 from master_controller.errors import (
     CommandError,
     GuestStartFailed,
@@ -104,9 +104,14 @@ class ContainerRuntime(HostedRuntime):
                     link = await self.network_up(guest, undo)
                 step = "disk layer"
                 with steps.step(step):
-                    layer = undo.enter_context(self._disk_layer(guest, folder))
-                    self._mount_overlay(guest, folder, layer)
-                    undo.callback(self._unmount_overlay, folder)
+                    # mounts and commands in a worker thread; each undo is pushed before its
+                    # mount (both are safe to run on what is not mounted): a start cancelled
+                    # meanwhile waits for the mount, then undoes it
+                    layer = self._disk_layer(guest, folder)
+                    undo.push_async_callback(in_thread, disklayer.unmount, folder)
+                    await in_thread(layer.mount)
+                    undo.push_async_callback(self._unmount_overlay, folder)
+                    await in_thread(self._mount_overlay, guest, folder, layer)
                 step = "boot"
                 with steps.step(step):
                     (folder / "console.log").unlink(missing_ok=True)
@@ -207,10 +212,11 @@ class ContainerRuntime(HostedRuntime):
             reason = exc.reason if isinstance(exc, CommandError) else str(exc)
             raise GuestStartFailed("disk layer", reason) from exc
 
-    def _unmount_overlay(self, folder: Path) -> None:
+    @staticmethod
+    async def _unmount_overlay(folder: Path) -> None:
         target = folder / "rootfs"
         if _is_mountpoint(target):
-            run(["umount", target])
+            await arun(["umount", target])
 
     async def _wait_for_leader(self, process: ProcessRef, console: Path) -> ProcessRef:
         """Find the container's PID 1 (to be able to kill it). nspawn first forks helper
@@ -265,11 +271,11 @@ class ContainerRuntime(HostedRuntime):
         guest.resources.pop("leader", None)
         folder = self.guest_dir(guest.guest_id)
         with contextlib.suppress(CommandError):
-            self._unmount_overlay(folder)
+            await self._unmount_overlay(folder)
         for target in (folder / "rootfs", folder / "lower"):  # "lower": a start cut short
             if _is_mountpoint(target):
-                run(["umount", "--lazy", target])
-        disklayer.unmount(folder)  # the image file stays: it is the guest's disk
+                await arun(["umount", "--lazy", target])
+        await in_thread(disklayer.unmount, folder)  # the image file stays: it is the guest's disk
         try:
             await netns.aremove(self.link(guest))
         except NetworkError:
@@ -308,13 +314,18 @@ async def _wait_until_empty(pid_namespace: str | None, timeout: float = 10.0) ->
         return
     deadline = asyncio.get_running_loop().time() + timeout
     while asyncio.get_running_loop().time() < deadline:
-        if not any(
-            _pid_namespace(int(p.name)) == pid_namespace
-            for p in os.scandir("/proc")
-            if p.name.isdigit()
-        ):
+        # a walk over every process on the host: in a worker thread
+        if not await asyncio.to_thread(_has_processes, pid_namespace):
             return
         await asyncio.sleep(0.05)
+
+
+def _has_processes(pid_namespace: str) -> bool:
+    return any(
+        _pid_namespace(int(p.name)) == pid_namespace
+        for p in os.scandir("/proc")
+        if p.name.isdigit()
+    )
 
 
 def _comm(pid: int) -> str:

@@ -61,6 +61,11 @@ class DiskLayer:
         return self.mount_point / "work"
 
     def __enter__(self) -> DiskLayer:
+        return self.mount()
+
+    def mount(self) -> DiskLayer:
+        """Mount the layer (made first if there is none yet); what ``with`` does on entry.
+        Raises GuestStartFailed (nothing left mounted) if it cannot."""
         require_free(
             self.folder,
             room_to_keep(self.folder, self.size_mib),

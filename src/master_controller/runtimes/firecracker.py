@@ -22,6 +22,7 @@ Guests need a kernel that finds Firecracker's virtio-mmio devices: through ACPI 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
@@ -31,7 +32,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-from master_controller.commands import run
+from master_controller.commands import in_thread, run
 from master_controller.errors import (
     CommandError,
     GuestError,
@@ -151,12 +152,9 @@ class FirecrackerRuntime(HostedRuntime):
                     jailer = jailer_for(self.settings.firecracker_binary)
                     if jailer is None:
                         raise GuestStartFailed(step, "Firecracker's jailer is not installed")
-                    make_private(folder)
-                    jail.make()
-                    jail.furnish(Path(guest.resources["kernel"]), Path(guest.resources["initrd"]))
-                    jail.reset()
                     saved = [SNAPSHOT_FILE, MEMORY_FILE] if restore else []
-                    jail.hand_over(uid, [DISK, CONFIG_DRIVE, *saved])
+                    # file work (the kernel may be copied in): in a worker thread
+                    await in_thread(self._furnish, guest, folder, jail, uid, saved)
                     log = folder / "console.log"
                     if not restore:
                         log.unlink(missing_ok=True)
@@ -175,6 +173,15 @@ class FirecrackerRuntime(HostedRuntime):
                 undo.pop_all()
         except (MCError, OSError) as exc:
             raise self.start_failed(guest, step, exc) from exc
+
+    @staticmethod
+    def _furnish(guest: GuestState, folder: Path, jail: Jail, uid: int, saved: list[str]) -> None:
+        """The jail, made afresh, with the kernel, initrd and the guest's files in it."""
+        make_private(folder)
+        jail.make()
+        jail.furnish(Path(guest.resources["kernel"]), Path(guest.resources["initrd"]))
+        jail.reset()
+        jail.hand_over(uid, [DISK, CONFIG_DRIVE, *saved])
 
     async def _configure_and_boot(self, api: FirecrackerApi, guest: GuestState) -> None:
         """Configure and boot; every path is one inside the jail."""
@@ -266,8 +273,8 @@ class FirecrackerRuntime(HostedRuntime):
             raise GuestStateError(f"guest {guest.guest_id} is {guest.status}, not hibernated")
         await self._launch(guest, steps or StepLog(), restore=True)
         jail = self.jail(guest)
-        for name in (SNAPSHOT_FILE, MEMORY_FILE):
-            jail.host(name).unlink(missing_ok=True)
+        for name in (SNAPSHOT_FILE, MEMORY_FILE):  # the memory file is as big as the guest's
+            await asyncio.to_thread(jail.host(name).unlink, missing_ok=True)
         guest.resources.pop("snapshot", None)
         self.save(guest)
 

@@ -10,6 +10,7 @@ from contextlib import AsyncExitStack, ExitStack
 from pathlib import Path
 from typing import Any, ClassVar
 
+from master_controller.commands import in_thread
 from master_controller.diskspace import MIB, REMEDY, file_bytes, full_reason, is_full_error
 from master_controller.errors import (
     GuestStartFailed,
@@ -51,7 +52,12 @@ class HostedRuntime(Runtime):
     async def create(
         self, guest_id: str, image_id: str, secrets: GuestSecrets, steps: StepLog | None = None
     ) -> GuestState:
-        steps = steps or StepLog()
+        # all file work and commands (a disk copy, mkfs, qemu-img): off the event loop
+        return await in_thread(self._create, guest_id, image_id, secrets, steps or StepLog())
+
+    def _create(
+        self, guest_id: str, image_id: str, secrets: GuestSecrets, steps: StepLog
+    ) -> GuestState:
         image = self.images.get(image_id)
         folder = self.guest_dir(guest_id)
         if folder.exists():
@@ -120,7 +126,7 @@ class HostedRuntime(Runtime):
         """The guest's isolated network, removed by ``undo`` if the start fails later. A
         network left by a guest that died is replaced (found by its recorded ids only);
         with ``reuse`` (a resume) an existing one is kept, with its addresses and MACs."""
-        firewall.ensure_isolation(self.settings.egress_port)
+        await firewall.ensure_isolation(self.settings.egress_port)
         link = self.link(guest)
         lease = self.addresses.allocate(guest.guest_id)
         exists = await netns.aexists(link)

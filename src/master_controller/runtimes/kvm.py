@@ -22,6 +22,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -145,7 +146,8 @@ def kvm_probe(settings: Settings) -> KvmProbe:
     else:
         result = probe_boot(kernel, initrd, "kvm")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{CACHE_NAME}.{os.getpid()}")
+    # per thread too: probes run in worker threads, and may run two at once
+    tmp = cache.with_name(f".{CACHE_NAME}.{os.getpid()}.{threading.get_ident()}")
     tmp.write_text(json.dumps({"key": key, "result": asdict(result)}, indent=2))
     tmp.replace(cache)
     return result

@@ -245,7 +245,7 @@ class QemuRuntime(HostedRuntime):
         state = Path(guest.resources["snapshot"]["file"])
         await self._launch(guest, steps or StepLog(), incoming=state)
         with contextlib.suppress(FileNotFoundError):
-            os.remove(state)
+            await asyncio.to_thread(os.remove, state)  # as big as the guest's memory
         guest.resources.pop("snapshot", None)
         self.save(guest)
 
