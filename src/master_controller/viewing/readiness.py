@@ -106,7 +106,8 @@ async def non_blank_frame(
     async with rfb_over_websocket(url, password, headers=headers) as client:
         while True:
             frame = await client.frame()
-            if not frame.is_blank():
+            # a pass over the pixels (tens of ms for a noisy screen): off the event loop
+            if not await asyncio.to_thread(frame.is_blank):
                 return frame
             if time.monotonic() >= deadline:
                 colours, dominant = frame.stats()

@@ -138,11 +138,12 @@ class Frame:
     pixels: bytearray  # BGRX, 4 bytes per pixel, row-major
 
     def stats(self, step: int = 7) -> tuple[int, float]:
-        """(distinct colours, share of the most common colour) over a sample of pixels."""
-        view = memoryview(self.pixels)
-        counts: Counter[bytes] = Counter(
-            bytes(view[i : i + 3]) for i in range(0, len(view), 4 * step)
-        )
+        """(distinct colours, share of the most common colour) over a sample of pixels (every
+        ``step``-th). Counted as whole 32-bit pixels with the padding byte zeroed: pixel by pixel
+        in Python, a 1280x800 frame took 0.15-0.35 s (a readiness check ran it on the loop)."""
+        sample = bytearray(memoryview(self.pixels).cast("I")[::step].tobytes())
+        sample[3::4] = bytes(len(sample) // 4)  # X of BGRX: not part of the colour
+        counts: Counter[int] = Counter(memoryview(sample).cast("I"))
         total = sum(counts.values()) or 1
         return len(counts), counts.most_common(1)[0][1] / total if counts else 1.0
 
