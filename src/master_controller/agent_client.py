@@ -76,7 +76,7 @@ async def _exchange(
     method: str, url: str, headers: dict[str, str], body: dict[str, Any] | None, limit: int
 ) -> tuple[int, bytes]:
     async with (
-        httpx.AsyncClient(trust_env=False, timeout=CALL_SECONDS, verify=_tls()) as client,
+        httpx.AsyncClient(trust_env=False, timeout=CALL_SECONDS, verify=tls_context()) as client,
         # identity: a compressed answer could inflate far past what was read
         client.stream(
             method, url, json=body, headers={**headers, "Accept-Encoding": "identity"}
@@ -98,7 +98,7 @@ async def _exchange(
 
 
 @functools.cache
-def _tls() -> ssl.SSLContext:
+def tls_context() -> ssl.SSLContext:
     """One TLS context for every exchange: httpx would build a new one per client, loading
     the CA bundle each time (~50 ms of the event loop per call to an agent, which speaks
     plain HTTP on the guest's link anyway)."""

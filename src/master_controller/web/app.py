@@ -25,6 +25,7 @@ from sqlalchemy import text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from master_controller import __version__
+from master_controller.agent_client import tls_context
 from master_controller.auth import TicketRedaction, Tickets, load_secret
 from master_controller.credentials import CredentialStore
 from master_controller.errors import ConfigError, MCError
@@ -139,6 +140,9 @@ def create_app(
             )
             probes = ProbeCache(type(chosen), settings, probe_interval)
             await probes.refresh()  # before serving: health has an answer from the start
+            # built once, off the loop: the first agent call would otherwise load the CA
+            # bundle (~50 ms) while viewers wait
+            await asyncio.to_thread(tls_context)
             probes.start()
             stack.push_async_callback(probes.stop)
             tickets = Tickets(load_secret(settings.secret_key_path))
