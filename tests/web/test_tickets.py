@@ -183,3 +183,33 @@ async def test_no_log_line_carries_a_ticket(tmp_path: Path) -> None:
     assert f"/novnc/websock?ticket={REDACTED}" in text, text
     assert text.count(f"viewer link for alice: {base}") == 1
     assert f"opened {base}" in text
+
+
+@pytest.mark.parametrize(
+    ("state", "code", "words"),
+    [
+        ("provisioning", 4409, "not ready yet"),
+        ("queued", 4409, "not ready yet"),
+        ("booting", 4409, "not ready yet"),
+        ("resuming", 4409, "not ready yet"),
+        ("hibernated", 4412, "hibernated"),
+        ("terminated", 4410, "session ended"),
+    ],
+)
+async def test_a_viewer_is_let_in_only_once_the_session_is_ready(
+    tmp_path: Path, state: str, code: int, words: str
+) -> None:
+    """Readiness is checked against the guest itself, so the viewer route admits no one
+    before ``ready``: a starting session answers 4409 (the viewer page waits and retries)."""
+    settings = app_settings(tmp_path, f"sqlite:///{tmp_path / 'mc.db'}")
+    async with serving(settings, NoGuestRuntime(settings)) as (base, app):
+        sid = await _session(app, state)
+        svc: Services = app.state.services
+        ws = base.replace("http", "ws") + f"/api/auth/session/{sid}/novnc/websock"
+        headers = {"Cookie": f"mc_viewer={svc.tickets.cookie(sid)}", "Origin": base}
+        async with connect(ws, proxy=None, additional_headers=headers) as socket:
+            with pytest.raises(ConnectionClosed) as closed:
+                await socket.recv()
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == code and words in closed.value.rcvd.reason
+        assert svc.viewers.count(sid) == 0
