@@ -101,6 +101,26 @@ async def test_a_real_sized_screen_is_assembled() -> None:
     assert frame.pixels == bytearray(red * 4 + b"\0" * 4 + blue * 2 + b"\0" * 4)
 
 
+async def test_an_incremental_update_is_laid_over_the_last_frame() -> None:
+    red, blue = b"\x00\x00\xff\x00", b"\xff\x00\x00\x00"
+    server = ScriptedServer(
+        greeting()
+        + server_init(4, 2)
+        + update((0, 0, 4, 2, red * 8))
+        + update((1, 1, 2, 1, blue * 2))  # only what changed
+    )
+    client = RFBClient(server)
+    await client.handshake(None)
+    first = await client.frame()
+    second = await client.frame(since=first)
+    assert second.pixels == bytearray(red * 4 + red + blue * 2 + red)
+    assert first.pixels == bytearray(red * 8)  # the last frame is left as it was
+    requests = [server.written[i : i + 10] for i in range(len(server.written) - 9)]
+    full = struct.pack(">BBHHHH", 3, 0, 0, 0, 4, 2)
+    changes = struct.pack(">BBHHHH", 3, 1, 0, 0, 4, 2)
+    assert requests.count(full) == 1 and requests.count(changes) == 1
+
+
 async def test_a_4k_screen_is_accepted() -> None:
     info = await RFBClient(ScriptedServer(greeting() + server_init(3840, 2160))).handshake(None)
     assert (info.width, info.height) == (3840, 2160)

@@ -102,10 +102,13 @@ async def rfb_handshake(
 async def non_blank_frame(
     url: str, password: str | None, deadline: float, headers: dict[str, str] | None = None
 ) -> Frame:
-    """Fetch frames until one is not blank, or raise when the deadline passes."""
+    """Fetch frames until one is not blank, or raise when the deadline passes. After the
+    first, only changes are asked for (a VM under emulation spends its CPU on its boot, not
+    on encoding whole screens four times a second)."""
     async with rfb_over_websocket(url, password, headers=headers) as client:
+        frame: Frame | None = None
         while True:
-            frame = await client.frame()
+            frame = await client.frame(since=frame)
             # a pass over the pixels (tens of ms for a noisy screen): off the event loop
             if not await asyncio.to_thread(frame.is_blank):
                 return frame

@@ -232,15 +232,23 @@ class RFBClient:
     async def _reason(self) -> str:
         return await read_reason(self.stream)
 
-    async def frame(self) -> Frame:
-        """Request and assemble one complete (non-incremental) framebuffer. Rectangles must
-        lie inside the screen ServerInit announced (already bounded), so memory stays within
-        one framebuffer plus one row."""
+    async def frame(self, since: Frame | None = None) -> Frame:
+        """Request and assemble one complete framebuffer. With ``since`` (this connection's
+        last frame), only what changed is asked for (an incremental update, which the server
+        sends once something changes) and laid over a copy of it: a guest still drawing its
+        first screen is not made to send whole screens again and again. Rectangles must lie
+        inside the screen ServerInit announced (already bounded), so memory stays within two
+        framebuffers plus one row."""
         if self.info is None:
             raise ProbeError("handshake first")
         w, h = self.info.width, self.info.height
-        await self.stream.write(struct.pack(">BBHHHH", 3, 0, 0, 0, w, h))
-        pixels = bytearray(w * h * BYTES_PER_PIXEL)
+        incremental = since is not None and (since.width, since.height) == (w, h)
+        await self.stream.write(struct.pack(">BBHHHH", 3, int(incremental), 0, 0, w, h))
+        pixels = (
+            bytearray(since.pixels)
+            if since is not None and incremental
+            else bytearray(w * h * BYTES_PER_PIXEL)
+        )
         while True:
             (kind,) = await self.stream.read_exactly(1)
             if kind == 0:
