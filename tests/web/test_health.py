@@ -68,20 +68,26 @@ async def test_the_cache_follows_the_probe(tmp_path: Path) -> None:
     _Flaky.answer = ProbeResult(True, "fine")
     async with serving(settings, _Flaky(settings), probe_interval=0.05) as (base, _):
 
-        async def runtime_health(expect: bool) -> dict[str, object]:
+        async def runtime_health(expect: bool, reason: str) -> dict[str, object]:
+            """/api/health's runtime once it says ``reason`` (or after 10 s)."""
             deadline = time.monotonic() + 10
             while True:
                 async with httpx.AsyncClient(trust_env=False) as client:
                     health = (await client.get(base + "/api/health")).json()
-                if health["runtime"]["usable"] is expect or time.monotonic() > deadline:
-                    return dict(health["runtime"])
+                runtime = dict(health["runtime"])
+                if runtime["reason"] == reason or time.monotonic() > deadline:
+                    return runtime
                 await asyncio.sleep(0.05)
 
-        assert (await runtime_health(True))["reason"] == "fine"
+        fine = await runtime_health(True, "fine")
+        assert (fine["usable"], fine["reason"]) == (True, "fine")
         _Flaky.answer = ProbeResult(False, "KVM went away")
-        assert (await runtime_health(False))["reason"] == "KVM went away"
+        went = await runtime_health(False, "KVM went away")
+        assert (went["usable"], went["reason"]) == (False, "KVM went away")
         _Flaky.answer = OSError("qemu-system-x86_64: not found")
-        gone = await runtime_health(False)
+        gone = await runtime_health(False, "the probe failed: qemu-system-x86_64: not found")
         assert gone["reason"] == "the probe failed: qemu-system-x86_64: not found"
+        assert gone["usable"] is False
         _Flaky.answer = ProbeResult(True, "fine again")
-        assert (await runtime_health(True))["reason"] == "fine again"
+        back = await runtime_health(True, "fine again")
+        assert (back["usable"], back["reason"]) == (True, "fine again")
