@@ -25,7 +25,7 @@ from master_controller.images.builder import ImageBuilder, prune_layers
 from master_controller.images.recipe import Recipe
 from master_controller.images.store import ImageStore
 from master_controller.instance import ensure_free, running
-from master_controller.runtimes import RUNTIMES, best_runtime, get_runtime, probe_all
+from master_controller.runtimes import RUNTIMES, best_runtime, get_runtime, hostlimits, probe_all
 from master_controller.runtimes.base import Runtime
 from master_controller.runtimes.kvm import kvm_probe
 from master_controller.settings import Settings, get_settings
@@ -255,6 +255,11 @@ def doctor(as_json: bool = typer.Option(False, "--json")) -> None:
             "maxConcurrentBoots": settings.max_concurrent_boots,
             "defaults": HostCapacity.of_this_host().explain(),
         },
+        # container guests count together against host root's inotify limits (issue 18)
+        "hostLimits": {
+            limit.name: {"current": limit.current, "needed": limit.needed}
+            for limit in hostlimits.check(settings.max_sessions)
+        },
     }
     if as_json:
         _print_json(report)
@@ -279,6 +284,12 @@ def doctor(as_json: bool = typer.Option(False, "--json")) -> None:
     )
     for line in HostCapacity.of_this_host().explain():
         console.print(f"  {line}")
+    for limit in hostlimits.check(settings.max_sessions):
+        mark = "[green]ok[/]" if limit.enough else "[yellow]raised at the first container start[/]"
+        console.print(
+            f"host limit {limit.name}: {limit.current} "
+            f"({limit.needed} needed for {settings.max_sessions} container guests): {mark}"
+        )
 
 
 @app.command("serve")

@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field
 
 from master_controller.diskspace import full_reason, is_full_error
 from master_controller.errors import GuestNotFound, StorageFull
+from master_controller.runtimes.guestlog import log_reason
 from master_controller.settings import Settings
 from master_controller.steps import StepLog
 from mc_agent import AGENT_PORT, WEBSOCKIFY_PORT
@@ -200,13 +201,10 @@ class Runtime(ABC):
         return Endpoint(address=guest.address)
 
     def diagnostics(self, guest: GuestState) -> str:
-        """The tail of the guest's console/VMM log, for error messages."""
-        log = self.guest_dir(guest.guest_id) / "console.log"
-        try:
-            lines = log.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(lines[-20:])
+        """What the guest's console/VMM log says went wrong, for error messages: its
+        error and failure lines (:func:`~master_controller.runtimes.guestlog.lines_that_matter`),
+        not merely its last lines, which are mostly clean-up."""
+        return log_reason(self.guest_dir(guest.guest_id) / "console.log")
 
     # --- state --------------------------------------------------------------------------
 

@@ -34,17 +34,22 @@ from master_controller.images.store import ImageInfo
 from master_controller.network import netns
 from master_controller.network.netns import GuestLink
 from master_controller.process import ProcessRef, spawn
-from master_controller.runtimes import cgroups, disklayer, idmap
+from master_controller.runtimes import cgroups, disklayer, hostlimits, idmap
 from master_controller.runtimes.base import (
     GuestState,
     GuestStatus,
     ProbeResult,
 )
 from master_controller.runtimes.disklayer import DiskLayer
+from master_controller.runtimes.guestlog import log_reason
 from master_controller.runtimes.hosted import HostedRuntime
 from master_controller.settings import Settings
 from master_controller.steps import StepLog
 from mc_agent.config import CONFIG_NAME, MOUNT_POINT, GuestConfig
+
+# seconds nspawn may take to start the guest's init (it was seen to take over 5 s while
+# 40 guests started together on 2 cores)
+LEADER_TIMEOUT = 60.0
 
 
 class ContainerRuntime(HostedRuntime):
@@ -114,6 +119,8 @@ class ContainerRuntime(HostedRuntime):
                     await in_thread(self._mount_overlay, guest, folder, layer)
                 step = "boot"
                 with steps.step(step):
+                    # every guest's inotify use counts against host root's limits
+                    await in_thread(hostlimits.ensure, self.settings.max_sessions)
                     (folder / "console.log").unlink(missing_ok=True)
                     limits = cgroups.Limits.from_settings(self.settings)
                     guest.resources["cgroups"] = cgroups.create(guest.guest_id, limits)
@@ -173,10 +180,20 @@ class ContainerRuntime(HostedRuntime):
             f"--private-users={guest.resources['uid_base']}:{idmap.RANGE}",
             "--private-users-ownership=off",
             f"--bind-ro={folder / 'config'}:{MOUNT_POINT}",
-            "--console=pipe",
+            # a pseudo-terminal as the guest's /dev/console, its output into console.log: with
+            # a pipe the guest has no /dev/console, and its systemd's own errors (a fatal one
+            # included: it then exits, and nspawn with it) were lost
+            "--console=read-only",
             "--link-journal=no",
             "--resolv-conf=off",
             "--timezone=off",
+            # the guest's init's arguments (its systemd reads them as its kernel command line):
+            # on the console, units that fail and what the journal gets at warning or worse,
+            # so that console.log says why a guest died; no login prompt on it
+            "systemd.show_status=error",
+            "systemd.journald.forward_to_console=1",
+            "systemd.journald.max_level_console=warning",
+            "systemd.getty_auto=0",
         ]
 
     def _disk_layer(self, guest: GuestState, folder: Path) -> DiskLayer:
@@ -221,20 +238,30 @@ class ContainerRuntime(HostedRuntime):
     async def _wait_for_leader(self, process: ProcessRef, console: Path) -> ProcessRef:
         """Find the container's PID 1 (to be able to kill it). nspawn first forks helper
         children that exit again; the leader is the child in a PID namespace of its own
-        that has exec'd the guest's init."""
+        that has exec'd the guest's init. Waited for while nspawn runs, up to
+        :data:`LEADER_TIMEOUT`: on a host busy booting many guests it can take seconds."""
         own = _pid_namespace(process.pid)
-        for _ in range(250):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LEADER_TIMEOUT
+        while process.alive():
             for child in process.children():
                 ns = _pid_namespace(child.pid)
                 if ns is not None and ns != own and _comm(child.pid) != "systemd-nspawn":
                     return child
-            if not process.alive():
-                break
+            if loop.time() > deadline:
+                said = await in_thread(log_reason, console)
+                raise GuestStartFailed(
+                    "boot",
+                    f"systemd-nspawn did not start the container within {LEADER_TIMEOUT:g} s"
+                    + (f":\n{said}" if said else ""),
+                )
             await asyncio.sleep(0.02)
-        said = _tail(console)
+        # its init may have exited already (a fatal error of the guest's systemd): what
+        # the console says is the cause, not nspawn's clean-up after it
+        said = await in_thread(log_reason, console)
         raise GuestStartFailed(
             "boot",
-            "systemd-nspawn exited before the container started" + (f": {said}" if said else ""),
+            "systemd-nspawn exited before the container started" + (f":\n{said}" if said else ""),
         )
 
     @staticmethod
@@ -339,11 +366,3 @@ def _is_mountpoint(path: Path) -> bool:
     target = str(path)
     with open("/proc/self/mounts") as fh:
         return any(line.split()[1] == target for line in fh)
-
-
-def _tail(path: Path, lines: int = 5) -> str:
-    """The last lines of a log, joined for a one-line reason ('' if there is none)."""
-    try:
-        return " / ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
-    except FileNotFoundError:
-        return ""
