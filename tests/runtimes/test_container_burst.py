@@ -15,6 +15,7 @@ import secrets
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -110,13 +111,16 @@ async def test_a_killed_guest_names_the_signal(
 
 
 @pytest.fixture
-def burst_runtime(integration_settings: Settings) -> ContainerRuntime:
+def burst_runtime(integration_settings: Settings) -> Iterator[ContainerRuntime]:
     settings = integration_settings.model_copy(
         # forty mounted disk layers must fit the data dir's file system (a start is refused
         # unless all could fill up): small ones, the burst is about starting together
         update={"max_sessions": GUESTS, "guest_disk_mib": 512}
     )
-    return ContainerRuntime(settings)
+    runtime = ContainerRuntime(settings)
+    yield runtime
+    for guest in runtime.guests():  # a test that failed half-way leaves none behind
+        asyncio.run(runtime.destroy(guest))
 
 
 async def test_forty_guests_at_once_all_show_a_frame(
@@ -147,7 +151,11 @@ async def test_forty_guests_at_once_all_show_a_frame(
             return time.monotonic() - started
 
     try:
-        seconds = await asyncio.gather(*(boot(n) for n in range(GUESTS)))
+        # every boot runs to its end (a failed one must not leave others starting unseen)
+        outcomes = await asyncio.gather(*(boot(n) for n in range(GUESTS)), return_exceptions=True)
+        failed = [o for o in outcomes if isinstance(o, BaseException)]
+        assert not failed, f"{len(failed)} of {GUESTS} did not come up: {failed}"
+        seconds = [o for o in outcomes if isinstance(o, float)]
         print(
             f"{GUESTS} guests, {CONCURRENCY} at a time: all showed a frame after "
             f"{time.monotonic() - began:.0f} s (each {min(seconds):.0f}-{max(seconds):.0f} s)"

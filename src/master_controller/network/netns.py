@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyroute2 import IPRoute, NetNS, netns
+from pyroute2 import IPRoute, NetNS, config, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from master_controller.commands import in_thread
@@ -21,6 +21,11 @@ from master_controller.errors import NetworkError
 from master_controller.network.ipam import Lease
 
 NETNS_DIR = Path("/run/netns")
+
+# pyroute2 creates a namespace, and opens a socket in one, through a forked child that must
+# answer within this many seconds (2 by default): while many guests boot on few cores the
+# child is seen to take longer, and the start failed with "no response from the child"
+config.default_communicate_timeout = 30
 GUEST_IFNAME = "eth0"
 BRIDGE = "br0"
 
