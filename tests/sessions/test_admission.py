@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from master_controller.errors import GuestError, StorageFull
+from master_controller.errors import GuestError, GuestStartFailed, StorageFull
 from master_controller.metrics import START_RETRIES
 from master_controller.runtimes.base import GuestState
 from master_controller.sessions.admission import BootSlots
@@ -135,6 +135,18 @@ async def test_a_lasting_failure_is_not_retried(tmp_path: Path) -> None:
         row = await c.start()
         done = await c.wait_for(row.id, ENDED)
         assert done.state == State.FAILED and "retried" not in done.reason
+        assert c.runtime.called("create") == 1
+
+
+async def test_a_lasting_cause_inside_a_runtime_step_is_not_retried(tmp_path: Path) -> None:
+    async with core(tmp_path) as c:
+        full = StorageFull("no space left for the disk layer")
+        wrapped = GuestStartFailed("disk layer", full.reason)
+        wrapped.__cause__ = full
+        c.runtime.fail["start"] = wrapped
+        row = await c.start()
+        done = await c.wait_for(row.id, ENDED)
+        assert done.state == State.FAILED and "retried" not in done.reason, done.reason
         assert c.runtime.called("create") == 1
 
 

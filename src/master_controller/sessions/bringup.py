@@ -165,8 +165,19 @@ class GuestBringUp:
             if not resuming:
                 with contextlib.suppress(MCError):
                     await runtime.destroy(guest or runtime.load(guest_id))
-            retry = not resuming and isinstance(exc, MCError) and not isinstance(exc, LASTING)
+            retry = not resuming and isinstance(exc, MCError) and not _lasting(exc)
             raise _AttemptFailed(step, reason, retry) from exc
+
+
+def _lasting(exc: BaseException) -> bool:
+    """Whether a fresh guest would fail the same way: a lasting error, or one a runtime
+    wrapped around it (a GuestStartFailed whose cause is a full disk, say)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, LASTING):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 def _new_secrets() -> GuestSecrets:
