@@ -329,16 +329,18 @@ async def test_a_captured_session_whose_guest_is_gone_does_not_resume(tmp_path: 
             await c.service.hibernate(sid)
 
 
-async def test_hibernate_while_booting_waits_and_leaves_no_watcher(tmp_path: Path) -> None:
+async def test_hibernate_while_booting_is_refused_at_once(tmp_path: Path) -> None:
+    """As before the redesign: a booting session cannot hibernate (409 at once, not after
+    waiting for the boot); once it is up, it can, and no login is left followed."""
     async with core(tmp_path) as c:
         gate = c.viewer_path.hold()
         row = await c.start()
         await gate.wait_entered()
-        hibernating = asyncio.create_task(c.service.hibernate(row.id))
-        await asyncio.sleep(0.02)
-        assert not hibernating.done()  # it waits for the boot's lock
+        with pytest.raises(SessionStateError):
+            await asyncio.wait_for(c.service.hibernate(row.id), 1)
         gate.open()
-        assert (await hibernating).state == State.HIBERNATED
+        await c.wait_for(row.id, {State.AUTHENTICATING})
+        assert (await c.service.hibernate(row.id)).state == State.HIBERNATED
         await c.settle()
         assert not c.service.work.watching(row.id)  # no login followed in a saved guest
         await c.service.resume(row.id)

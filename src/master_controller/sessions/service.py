@@ -36,7 +36,14 @@ from master_controller.sessions.ledger import SessionLedger
 from master_controller.sessions.lifecycle import Lifecycle
 from master_controller.sessions.reaper import Reaper
 from master_controller.sessions.signin import SignIn
-from master_controller.sessions.states import ACTIVE, HOLDING, TERMINAL, VIEWABLE, State
+from master_controller.sessions.states import (
+    ACTIVE,
+    HOLDING,
+    TERMINAL,
+    VIEWABLE,
+    State,
+    check_transition,
+)
 from master_controller.sessions.work import SessionWork
 from master_controller.settings import Settings
 from master_controller.steps import StepRecord
@@ -168,6 +175,8 @@ class SessionService:
         and memory. Its viewers are told the session is hibernated. A save that fails
         part-way leaves the guest running and the session where it was."""
         lifecycle = self.lifecycle
+        # refused at once, not after waiting for an operation under way (a boot may queue)
+        check_transition(State((await self.ledger.get(session_id)).state), State.HIBERNATING)
         await self.work.stop_watcher(session_id)  # the login starts again on resume
         async with self.work.lock(session_id):
             before = State((await self.ledger.get(session_id)).state)
@@ -200,7 +209,9 @@ class SessionService:
     async def resume(self, session_id: str) -> SessionRow:
         """Start a hibernated session's guest again; ready once the viewer path works. A
         captured session resumes only if its guest was kept (wiped of its credentials)."""
-        async with self._admission, self.work.lock(session_id):
+        check_transition(State((await self.ledger.get(session_id)).state), State.RESUMING)
+        # the session's lock first: waiting for it must not hold every other start back
+        async with self.work.lock(session_id), self._admission:
             row = await self.ledger.get(session_id)
             if State(row.state) == State.CAPTURED:
                 try:
