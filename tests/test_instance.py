@@ -20,7 +20,7 @@ import pytest
 
 from master_controller.errors import DataDirInUse
 from master_controller.instance import LOCK_NAME, claim, ensure_free, running
-from master_controller.runtimes.container import ContainerRuntime
+from master_controller.runtimes.container import REQUIRED_TOOLS, ContainerRuntime
 from master_controller.settings import Settings
 from master_controller.web.app import create_app
 from tests.conftest import require_tools
@@ -168,16 +168,7 @@ async def test_a_second_app_refuses_and_touches_nothing(tmp_path: Path) -> None:
 
 # --- `serve`, twice --------------------------------------------------------------------------
 
-CONTAINER_TOOLS = (
-    "systemd-nspawn",
-    "mount",
-    "umount",
-    "nft",
-    "nsenter",
-    "unshare",
-    "mkfs.ext4",
-    "losetup",
-)
+CONTAINER_TOOLS = REQUIRED_TOOLS
 
 
 def _serve_env(tmp_path: Path, port: int) -> dict[str, str]:

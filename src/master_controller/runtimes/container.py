@@ -52,22 +52,25 @@ from mc_agent.config import CONFIG_NAME, MOUNT_POINT, GuestConfig
 LEADER_TIMEOUT = 60.0
 
 
+# the host commands a container guest needs (its probe checks them)
+REQUIRED_TOOLS = (
+    "systemd-nspawn",
+    "mount",
+    "umount",
+    "nft",
+    "nsenter",
+    "unshare",
+    "mkfs.ext4",
+    "losetup",
+)
+
+
 class ContainerRuntime(HostedRuntime):
     name = "container"
 
     @classmethod
     def probe(cls, settings: Settings) -> ProbeResult:
-        tools = (
-            "systemd-nspawn",
-            "mount",
-            "umount",
-            "nft",
-            "nsenter",
-            "unshare",
-            "mkfs.ext4",
-            "losetup",
-        )
-        if missing := [t for t in tools if shutil.which(t) is None]:
+        if missing := [t for t in REQUIRED_TOOLS if shutil.which(t) is None]:
             return ProbeResult(False, f"not installed: {', '.join(missing)} (run scripts/setup.sh)")
         filesystems = Path("/proc/filesystems").read_text()
         if "overlay" not in filesystems or "ext4" not in filesystems:
