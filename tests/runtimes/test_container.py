@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import re
 import secrets
 import subprocess
 import time
@@ -17,7 +18,7 @@ import pytest
 
 from master_controller.errors import GuestStartFailed, GuestStateError, ProbeError
 from master_controller.runtimes import cgroups, disklayer, idmap
-from master_controller.runtimes.base import GuestSecrets, GuestStatus
+from master_controller.runtimes.base import GuestSecrets, GuestState, GuestStatus
 from master_controller.runtimes.container import ContainerRuntime, image_view
 from master_controller.viewing.readiness import (
     non_blank_frame,
@@ -152,10 +153,28 @@ async def test_guests_cannot_reach_each_other_or_the_host(
         assert await _connects_from(ns_a, host_end, egress_port)  # its egress proxy: yes
         await websocket_upgrade(b.address or "", 6080)  # while the host reaches both
         await websocket_upgrade(a.address or "", 6080)
+        assert _allowances() >= {f"{link} . {egress_port}" for link in _links(a, b)}
     finally:
         host_service.close()
         egress.close()
         await asyncio.gather(runtime.destroy(a), runtime.destroy(b))
+    # the allowance goes with the guest: no port stays open to guests that come later
+    assert not {entry.split(" . ")[0] for entry in _allowances()} & _links(a, b)
+
+
+def _links(*guests: GuestState) -> set[str]:
+    return {guest.resources["host_ifname"] for guest in guests}
+
+
+def _allowances() -> set[str]:
+    """The firewall's (guest link . port) pairs that may reach the host."""
+    listing = subprocess.run(
+        ["nft", "list", "set", "inet", "master_controller", "guest_egress"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {m.replace('"', "") for m in re.findall(r'"mcv\w+" \. \d+', listing)}
 
 
 def _host_uid(pid: int) -> int:

@@ -5,16 +5,19 @@ One table, ``inet master_controller``, replaced atomically:
 
 - forward: nothing is routed to or from a guest link (``mcv*``): guests cannot reach each
   other or anything beyond the host through it;
-- input: a guest cannot open connections to the host, except to the egress proxy's port
-  (the ports in the set ``egress_ports``); replies to connections the host opened (the
-  controller reaching websockify and the agent) pass.
+- input: a guest cannot open connections to the host, except to its own controller's egress
+  proxy port: the set ``guest_egress`` holds (guest link, port) pairs, one per running guest,
+  added when its link comes up and removed with it; replies to connections the host opened
+  (the controller reaching websockify and the agent) pass.
 
-The table is replaced only when its rules are of another version; otherwise a controller
-just adds its egress port to the set, so controllers with different ports coexist.
+The allowance lives and dies with the guest's link, so a port a controller once used (or a
+test's random one) never stays open to guests; controllers with different ports coexist.
+The table is replaced only when its rules are of another version.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 
 from master_controller.commands import arun
@@ -23,14 +26,14 @@ from master_controller.errors import CommandError, NetworkError
 TABLE = "master_controller"
 GUEST_LINKS = "mcv*"
 
-VERSION = "mc-rules-2"
+VERSION = "mc-rules-3"
 
 RULESET = f"""table inet {TABLE} {{}}
 delete table inet {TABLE}
 table inet {TABLE} {{
     comment "{VERSION}"
-    set egress_ports {{
-        type inet_service
+    set guest_egress {{
+        type ifname . inet_service
     }}
     chain forward {{
         type filter hook forward priority filter; policy accept;
@@ -40,7 +43,7 @@ table inet {TABLE} {{
     chain input {{
         type filter hook input priority filter; policy accept;
         iifname "{GUEST_LINKS}" ct state established,related accept
-        iifname "{GUEST_LINKS}" tcp dport @egress_ports accept
+        iifname . tcp dport @guest_egress accept
         iifname "{GUEST_LINKS}" drop
     }}
 }}
@@ -51,9 +54,9 @@ def available() -> bool:
     return shutil.which("nft") is not None
 
 
-async def ensure_isolation(egress_port: int = 0) -> None:
+async def ensure_isolation() -> None:
     """Install the guest isolation rules (one nftables transaction) unless this version is
-    there already, and let guests reach ``egress_port`` on the host (0: no egress)."""
+    there already."""
     try:
         try:
             current = await arun(["nft", "list", "table", "inet", TABLE], timeout=10)
@@ -61,10 +64,26 @@ async def ensure_isolation(egress_port: int = 0) -> None:
             current = ""
         if VERSION not in current:
             await arun(["nft", "-f", "-"], input_text=RULESET, timeout=10)
-        if egress_port:
-            element = f"{{ {int(egress_port)} }}"
-            await arun(
-                ["nft", "add", "element", "inet", TABLE, "egress_ports", element], timeout=10
-            )
     except CommandError as exc:
         raise NetworkError(f"installing the guest firewall rules: {exc.reason}") from exc
+
+
+def _in_set(host_ifname: str, port: int) -> list[str]:
+    """``element inet master_controller guest_egress { "<link>" . <port> }``"""
+    if not host_ifname.isalnum():
+        raise NetworkError(f"not a guest link name: {host_ifname!r}")
+    return ["element", "inet", TABLE, "guest_egress", f'{{ "{host_ifname}" . {int(port)} }}']
+
+
+async def allow_egress(host_ifname: str, port: int) -> None:
+    """Let the guest behind ``host_ifname`` open connections to ``port`` on the host."""
+    try:
+        await arun(["nft", "add", *_in_set(host_ifname, port)], timeout=10)
+    except CommandError as exc:
+        raise NetworkError(f"allowing {host_ifname} its egress port: {exc.reason}") from exc
+
+
+async def forget_egress(host_ifname: str, port: int) -> None:
+    """Remove the guest link's allowance (nothing to do if it is gone already)."""
+    with contextlib.suppress(CommandError):
+        await arun(["nft", "delete", *_in_set(host_ifname, port)], timeout=10)

@@ -3,7 +3,7 @@
 Host side: ``mcv<id>`` with the lease's ``.1``; guest side: ``eth0`` in namespace
 ``mc-<id>`` with ``.2`` and a default route to ``.1``. The controller reaches the guest's
 ports through the host end; guests have no route to each other (the host does not forward
-between guest links: see :func:`ensure_isolation`).
+between guest links: see :mod:`master_controller.network.firewall`).
 """
 
 from __future__ import annotations

@@ -31,7 +31,6 @@ from master_controller.errors import (
     NetworkError,
 )
 from master_controller.images.store import ImageInfo
-from master_controller.network import netns
 from master_controller.network.netns import GuestLink
 from master_controller.process import ProcessRef, spawn
 from master_controller.runtimes import cgroups, disklayer, hostlimits, idmap
@@ -307,10 +306,10 @@ class ContainerRuntime(HostedRuntime):
                 await arun(["umount", "--lazy", target])
         await in_thread(disklayer.unmount, folder)  # the image file stays: it is the guest's disk
         try:
-            await netns.aremove(self.link(guest))
+            await self.network_down(guest)
         except NetworkError:
             await asyncio.sleep(0.2)  # the namespace may be held a moment by exiting processes
-            await netns.aremove(self.link(guest))
+            await self.network_down(guest)
 
 
 @contextmanager

@@ -41,7 +41,6 @@ from master_controller.errors import (
     MCError,
 )
 from master_controller.images.store import ImageInfo
-from master_controller.network import netns
 from master_controller.process import ProcessRef, spawn
 from master_controller.runtimes.base import GuestState, GuestStatus, ProbeResult
 from master_controller.runtimes.config_drive import make_config_drive
@@ -287,4 +286,4 @@ class FirecrackerRuntime(HostedRuntime):
             process = ProcessRef.model_validate(data)
             if process.signal(signal.SIGKILL):
                 await process.wait(5)
-        await netns.aremove(self.link(guest))
+        await self.network_down(guest)

@@ -126,16 +126,27 @@ class HostedRuntime(Runtime):
         """The guest's isolated network, removed by ``undo`` if the start fails later. A
         network left by a guest that died is replaced (found by its recorded ids only);
         with ``reuse`` (a resume) an existing one is kept, with its addresses and MACs."""
-        await firewall.ensure_isolation(self.settings.egress_port)
+        await firewall.ensure_isolation()
         link = self.link(guest)
         lease = self.addresses.allocate(guest.guest_id)
         exists = await netns.aexists(link)
         if exists and not reuse:
-            await netns.aremove(link)
-        undo.push_async_callback(netns.aremove, link)  # first: a cancelled create is undone
+            await self.remove_link(link)
+        undo.push_async_callback(self.remove_link, link)  # first: a cancelled create is undone
         if not exists or not reuse:
             await netns.acreate(link, lease, tap=tap, tap_owner=tap_owner)
+        if self.settings.egress_port:
+            await firewall.allow_egress(link.host_ifname, self.settings.egress_port)
         return link
+
+    async def network_down(self, guest: GuestState) -> None:
+        """Remove the guest's network and its allowance to reach the egress proxy."""
+        await self.remove_link(self.link(guest))
+
+    async def remove_link(self, link: GuestLink) -> None:
+        if self.settings.egress_port:
+            await firewall.forget_egress(link.host_ifname, self.settings.egress_port)
+        await netns.aremove(link)
 
     def link(self, guest: GuestState) -> GuestLink:
         return GuestLink(

@@ -42,7 +42,6 @@ from master_controller.errors import (
     MCError,
 )
 from master_controller.images.store import ImageInfo
-from master_controller.network import netns
 from master_controller.process import ProcessRef, spawn
 from master_controller.runtimes.base import (
     GuestState,
@@ -269,7 +268,7 @@ class QemuRuntime(HostedRuntime):
             if process.signal(signal.SIGTERM) and not await process.wait(5):
                 process.signal(signal.SIGKILL)
                 await process.wait(5)
-        await netns.aremove(self.link(guest))
+        await self.network_down(guest)
 
 
 def _make_overlay(backing: Path, overlay: Path) -> None:
