@@ -35,9 +35,20 @@ def _run(argv: list[str], timeout: float = 5.0, env: dict[str, str] | None = Non
     return done.stdout if done.returncode == 0 else ""
 
 
-def service_state(unit: str) -> dict[str, str]:
-    out = _run(["systemctl", "show", "--property=LoadState,ActiveState,SubState", unit])
-    props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+def service_states(units: list[str]) -> dict[str, dict[str, str]]:
+    """Each unit's load and active state, from one ``systemctl show`` (a health check runs
+    often, and on an emulated CPU every process started costs a noticeable fraction of a
+    second)."""
+    out = _run(["systemctl", "show", "--property=Id,LoadState,ActiveState,SubState", *units])
+    found: dict[str, dict[str, str]] = {}
+    for block in out.split("\n\n"):
+        props = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+        if props.get("Id"):
+            found[props["Id"]] = props
+    return {unit: _summarise(unit, found.get(unit, {})) for unit in units}
+
+
+def _summarise(unit: str, props: dict[str, str]) -> dict[str, str]:
     load = props.get("LoadState", "unknown")
     active = props.get("ActiveState", "unknown")
     if load == "not-found":
@@ -49,8 +60,19 @@ def service_state(unit: str) -> dict[str, str]:
     return {"load": load, "active": active, "sub": props.get("SubState", ""), "summary": summary}
 
 
-def package_version(package: str) -> str | None:
-    return _run(["dpkg-query", "-W", "-f=${Version}", package]).strip() or None
+_versions: dict[str, str] = {}
+
+
+def package_versions(packages: tuple[str, ...]) -> dict[str, str]:
+    """Installed versions, from one ``dpkg-query``, kept once read (packages do not change
+    under a running guest; a failed read is tried again next time)."""
+    if not all(package in _versions for package in packages):
+        out = _run(["dpkg-query", "-W", "-f=${Package} ${Version}\\n", *packages])
+        for line in out.splitlines():
+            package, _, version = line.partition(" ")
+            if version:
+                _versions[package] = version
+    return {package: _versions.get(package, "") for package in packages}
 
 
 def windows(display: str = DISPLAY) -> list[dict[str, str]]:
@@ -73,11 +95,11 @@ def windows(display: str = DISPLAY) -> list[dict[str, str]]:
 
 
 def report() -> dict[str, Any]:
+    states = service_states(list(SERVICES))
+    versions = package_versions(tuple(SERVICES.values()))
     services = {}
     for unit, package in SERVICES.items():
-        state = service_state(unit)
-        state["version"] = package_version(package) or ""
-        services[unit.removesuffix(".service")] = state
+        services[unit.removesuffix(".service")] = {**states[unit], "version": versions[package]}
     wins = windows()
     down = [s["summary"] for s in services.values() if s["active"] != "active"]
     return {

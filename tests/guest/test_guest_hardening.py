@@ -49,6 +49,29 @@ def test_the_running_image_meets_the_hardening_contract(desk: Desk) -> None:
     assert hardening_problems(rootfs) == []
 
 
+def test_health_names_each_service_with_its_version_from_few_processes(desk: Desk) -> None:
+    """The health check runs often (readiness, the reaper, tests): it starts one systemctl
+    and, once per boot, one dpkg-query, so it answers fast even on an emulated CPU."""
+    health = desk.call("GET", "/health").json()
+    assert health["status"] == "ok", health["problems"]
+    for name, service in health["services"].items():
+        assert service["active"] == "active" and service["summary"] == f"{name}.service running"
+        assert service["version"] and service["version"][0].isdigit(), (name, service)
+    installed = desk.root("dpkg-query", "-W", "-f=${Version}", "chromium").stdout
+    assert health["services"]["chromium"]["version"] == installed
+    desk.root("systemctl", "stop", "openbox.service")
+    try:
+        degraded = desk.call("GET", "/health").json()
+        assert degraded["status"] == "degraded"
+        assert degraded["problems"] == ["openbox.service inactive (dead)"], degraded["problems"]
+    finally:
+        desk.root("systemctl", "start", "openbox.service")
+    started = time.monotonic()
+    for _ in range(5):
+        desk.call("GET", "/health")
+    assert (time.monotonic() - started) / 5 < 0.5
+
+
 async def _show_plain_page(desk: Desk, marker: str) -> None:
     """A typed data: page titled ``marker`` (typing into the address bar is retried: a key
     can get lost while Chromium is busy; the attacks themselves are typed once)."""
