@@ -9,8 +9,9 @@ APT_PACKAGES=(
     mmdebstrap debootstrap systemd-container e2fsprogs iproute2 nftables util-linux
     qemu-system-x86 qemu-utils
     dpkg coreutils ca-certificates python3 python3-venv
-    # tests: a real browser for the viewer tests, a real PostgreSQL for the store tests
-    chromium fonts-dejavu-core postgresql
+    # tests: a real browser for the viewer tests, a real PostgreSQL for the store tests,
+    # real upstream proxies (HTTP CONNECT, SOCKS5) for the egress identity tests
+    chromium fonts-dejavu-core postgresql tinyproxy dante-server
 )
 command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(nodejs npm)
 missing=()
@@ -22,6 +23,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
+    # the tests run their own proxies in namespaces; the packages' services stay off
+    for service in tinyproxy danted; do
+        if command -v service >/dev/null 2>&1; then
+            service "$service" stop >/dev/null 2>&1 || true
+        fi
+        pkill -x "$service" 2>/dev/null || true
+    done
 fi
 
 # The noVNC client, from the npm registry (served by the controller, not kept in the repo).

@@ -138,7 +138,7 @@ class Controller:
         answer = self.request(
             "POST", "/api/auth/start", json={"userId": user, "provider": provider}
         )
-        assert answer.status_code == 201, answer.text
+        assert answer.status_code == 200, answer.text
         session_id = str(answer.json()["sessionId"])
         body = self.wait_for(session_id, {"ready", "failed"})
         assert body["status"] == "ready", body["reason"]

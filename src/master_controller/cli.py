@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from master_controller.auth import create_api_key, revoke_api_key
 from master_controller.capacity import HostCapacity
-from master_controller.errors import MCError
+from master_controller.errors import ConfigError, MCError
 from master_controller.images.builder import ImageBuilder, prune_layers
 from master_controller.images.recipe import Recipe
 from master_controller.images.store import ImageStore
@@ -521,3 +521,48 @@ def vault_rotate() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+egress_app = typer.Typer(help="Upstream proxies: each user's sticky exit.", no_args_is_help=True)
+app.add_typer(egress_app, name="egress")
+
+
+@egress_app.command("credentials")
+def egress_credentials(
+    upstream: str = typer.Argument(
+        help="The upstream's URL as in settings, e.g. http://host:port."
+    ),
+    username: str = typer.Option(..., help="The upstream's user name."),
+    password_stdin: bool = typer.Option(
+        False, "--password-stdin", help="Read the password from standard input (one line)."
+    ),
+) -> None:
+    """Seal an upstream proxy's login in the vault (the password is asked for, or read from
+    stdin; never an argument: arguments show in process lists and shell history)."""
+    from master_controller.credentials import CredentialStore
+    from master_controller.network.upstream import configured, parse
+    from master_controller.vault import Vault
+
+    settings = get_settings()
+    with reported():
+        name = parse(upstream).name
+        known = {u.name for u in configured(settings)}
+        if name not in known:
+            raise ConfigError(f"{name} is not among the configured upstreams")
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = typer.prompt("password", hide_input=True)
+    database = Database(settings.database)
+
+    async def go() -> None:
+        try:
+            store = CredentialStore(database, Vault.open(settings))
+            await store.seal_upstream_login(name, username, password)
+        finally:
+            await database.close()
+
+    with reported():
+        database.migrate()
+        asyncio.run(go())
+    console.print(f"the login of {name} is sealed in the vault")

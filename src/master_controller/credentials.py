@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 
 from master_controller.errors import AmbiguousCredentials, CredentialsNotFound, VaultError
 from master_controller.store.database import Database
-from master_controller.store.models import AuditRow, CredentialRow, utcnow
+from master_controller.store.models import AuditRow, CredentialRow, UpstreamSecretRow, utcnow
 from master_controller.vault import Binding, Sealed, Vault
 from mc_agent import providers
 from mc_agent.providers import CredentialStatus
@@ -65,6 +65,14 @@ def _key_is(api_key_id: str | None) -> ColumnElement[bool]:
 def binding(row: CredentialRow) -> Binding:
     """What the row's ciphertext is bound to."""
     return Binding(row.id, row.user_id, row.provider, row.api_key_id, row.binding)
+
+
+# an upstream proxy's login is sealed bound to the upstream's URL under this "provider"
+UPSTREAM = "egress-upstream"
+
+
+def upstream_binding(upstream: str) -> Binding:
+    return Binding(upstream, "", UPSTREAM, None)
 
 
 class CredentialStore:
@@ -310,6 +318,7 @@ class CredentialStore:
                 last = batch[-1].id
                 await db.flush()
                 db.expunge_all()  # memory stays bounded by one batch
+            count += await self._reseal_upstream_logins(db)
             await db.commit()
         return count, unreadable
 
@@ -318,4 +327,51 @@ class CredentialStore:
         holds)."""
         async with self.db.session() as db:
             in_use = set(await db.scalars(select(CredentialRow.key_id).distinct()))
+            in_use |= set(await db.scalars(select(UpstreamSecretRow.key_id).distinct()))
         return self.vault.retire(in_use)
+
+    # --- upstream proxies' logins ----------------------------------------------------------
+
+    async def seal_upstream_login(self, upstream: str, username: str, password: str) -> None:
+        """Keep an upstream proxy's user name and password (replacing any), sealed."""
+        plaintext = json.dumps({"username": username, "password": password}).encode()
+        async with self.vault.shared():
+            sealed = self.vault.seal(upstream_binding(upstream), plaintext)
+            async with self.db.session() as db:
+                row = await db.get(UpstreamSecretRow, upstream)
+                if row is None:
+                    row = UpstreamSecretRow(upstream=upstream)
+                    db.add(row)
+                row.key_id, row.nonce, row.ciphertext = (
+                    sealed.key_id,
+                    sealed.nonce,
+                    sealed.ciphertext,
+                )
+                row.updated_at = utcnow()
+                await db.commit()
+        await self.audit(None, "upstream login", "", "", f"sealed for {upstream}")
+
+    async def upstream_logins(self) -> dict[str, tuple[str, str]]:
+        """Every upstream's (user name, password), opened. Raises VaultError for one that
+        does not decrypt."""
+        async with self.vault.shared():
+            async with self.db.session() as db:
+                rows = list(await db.scalars(select(UpstreamSecretRow)))
+            logins = {}
+            for row in rows:
+                plaintext = self.vault.open_sealed(
+                    upstream_binding(row.upstream), Sealed(row.key_id, row.nonce, row.ciphertext)
+                )
+                data = json.loads(plaintext)
+                logins[row.upstream] = (str(data["username"]), str(data["password"]))
+        return logins
+
+    async def _reseal_upstream_logins(self, db: Any) -> int:
+        count = 0
+        for row in await db.scalars(select(UpstreamSecretRow)):
+            bound = upstream_binding(row.upstream)
+            plaintext = self.vault.open_sealed(bound, Sealed(row.key_id, row.nonce, row.ciphertext))
+            sealed = self.vault.seal(bound, plaintext)
+            row.key_id, row.nonce, row.ciphertext = sealed.key_id, sealed.nonce, sealed.ciphertext
+            count += 1
+        return count

@@ -24,7 +24,9 @@ catch these. A refusal a person sees carries a ``reason`` and an HTTP ``status``
      │    ├── HibernateFailed        saving failed; the guest was left running
      │    └── GuestStateError        the operation does not fit the guest's state
      ├── NetworkError
-     │    └── AddressPoolExhausted
+     │    ├── AddressPoolExhausted
+     │    ├── UpstreamFailed         an upstream proxy failed (names it, never its secret)
+     │    └── NoEgressIdentity       no upstream works for the user: fail closed (503)
      ├── ProbeError                  a readiness check from outside the guest failed
      ├── SessionError
      │    ├── SessionNotFound        (404; also what another key's session looks like)
@@ -167,6 +169,23 @@ class NetworkError(MCError):
 
 
 class AddressPoolExhausted(NetworkError):
+    status = 503
+
+
+class UpstreamFailed(NetworkError):
+    """An upstream proxy could not be reached, refused, or failed its check; names the
+    upstream by its URL (never its credentials)."""
+
+    status = 502
+
+    def __init__(self, upstream: str, why: str) -> None:
+        super().__init__(f"upstream {upstream}: {why}")
+        self.upstream = upstream
+
+
+class NoEgressIdentity(NetworkError):
+    """No upstream works for the user: the session fails closed, never going out directly."""
+
     status = 503
 
 

@@ -189,6 +189,31 @@ class Settings(BaseSettings):
     egress_idle_timeout: float = Field(
         120.0, gt=0, description="Seconds an egress tunnel may stay silent before it is closed."
     )
+    egress_upstreams: list[str] = Field(
+        default_factory=list,
+        description="Upstream proxies guests' traffic leaves through, one sticky exit per user: "
+        '"http://host:port" (HTTP CONNECT) or "socks5://host:port". Credentials never go '
+        "here: `master-controller egress credentials URL` seals them in the vault. Empty (and "
+        "no template): traffic leaves from this host.",
+    )
+    egress_upstream_template: str = Field(
+        "",
+        description="A provider's upstream with one sticky exit per port, e.g. "
+        '"http://gate.example.net:{port}", expanded over egress_upstream_ports.',
+    )
+    egress_upstream_ports: str = Field(
+        "", description='The template\'s port range, "first-last" (e.g. "10001-19999").'
+    )
+    egress_check_url: str = Field(
+        "https://api.ipify.org/?format=json",
+        description="Fetched through a user's upstream before a guest boots: it must answer "
+        'the exit address (as text, or JSON {"ip": ...}), which is recorded.',
+    )
+    egress_check_interval: float = Field(
+        300.0,
+        ge=0,
+        description="Seconds an upstream's successful check is trusted before it is checked again.",
+    )
 
     @classmethod
     def settings_customise_sources(

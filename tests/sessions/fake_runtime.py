@@ -53,6 +53,17 @@ def credential_files(provider: str, label: str = "tok") -> dict[str, str]:
     """Files ``provider``'s validator accepts (``guest_input.credentials`` passes them)."""
     if provider == "codex":
         return {".codex/auth.json": json.dumps({"OPENAI_API_KEY": f"sk-{label}"})}
+    later_ms = (time.time() + 3600) * 1000
+    if provider == "claude_code":
+        oauth = {"accessToken": f"at-{label}", "refreshToken": f"rt-{label}", "expiresAt": later_ms}
+        return {".claude/.credentials.json": json.dumps({"claudeAiOauth": oauth})}
+    if provider == "gemini_cli":
+        creds = {
+            "access_token": f"at-{label}",
+            "refresh_token": f"rt-{label}",
+            "expiry_date": later_ms,
+        }
+        return {".gemini/oauth_creds.json": json.dumps(creds)}
     if provider == "oauth2":
         token = {"access_token": label, "token_type": "Bearer", "expires_at": time.time() + 3600}
         return {".config/mc-oauth2/token.json": json.dumps(token)}
@@ -72,6 +83,7 @@ class AgentGuest:
     provider: str | None = None  # the login started, if any
     options: dict[str, str] = field(default_factory=dict)
     valid: bool = False  # the person finished signing in
+    auth_url: str | None = "https://auth.example.test/authorize?secret=1"  # the CLI's, if any
     fetched: bool = False
     wiped: bool = False
     chromium_after_wipe: str = "active"
@@ -183,7 +195,7 @@ class _AgentHandler(BaseHTTPRequestHandler):
             "provider": guest.provider,
             "state": "wiped" if guest.wiped else "running",
             "started_at": 0.0,
-            "auth_url": "https://auth.example.test/authorize?secret=1",
+            "auth_url": guest.auth_url,
             "opened_urls": [],
             "terminal_urls": [],
             "prompts_answered": [],

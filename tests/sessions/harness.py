@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from master_controller.credentials import CredentialStore
+from master_controller.network.identities import EgressIdentities
 from master_controller.sessions.service import SessionService
 from master_controller.sessions.states import TERMINAL, State
 from master_controller.settings import Settings
@@ -71,6 +72,7 @@ class Core:
             self.credentials,
             self.viewer_path,
             egress=None,
+            identities=EgressIdentities(self.settings, self.db, self.credentials),
         )
         service.sign_in.watch_interval = WATCH
         return service

@@ -180,6 +180,20 @@ async def test_a_start_failing_at_each_step_fails_naming_it_and_leaves_no_guest(
         assert not c.service.work.watching(row.id)
 
 
+async def test_without_a_working_upstream_no_guest_boots(tmp_path: Path) -> None:
+    """Fail closed: with upstreams configured and none answering, the session fails saying
+    so before a guest exists (traffic never leaves directly instead)."""
+    dead = "http://127.0.0.1:9"  # the discard port: nothing listens
+    async with core(tmp_path, egress_upstreams=[dead], egress_check_url="http://x.test/") as c:
+        row = await c.start()
+        done = await c.wait_for(row.id, ENDED)
+        assert done.state == State.FAILED
+        assert "no egress identity" in done.reason and dead in done.reason, done.reason
+        assert c.runtime.called("create") == 0 and c.runtime.existing() == set()
+        assignment = await c.service.identities.assignment(USER)  # type: ignore[union-attr]
+        assert assignment is None  # nothing was assigned that never worked
+
+
 async def test_cancel_during_boot_ends_it_and_destroys_the_guest(tmp_path: Path) -> None:
     async with core(tmp_path) as c:
         gate = c.runtime.hold("start")

@@ -17,6 +17,7 @@ import uvicorn
 from master_controller.errors import GuestStartFailed, GuestStateError
 from master_controller.runtimes.base import GuestSecrets, GuestState, GuestStatus, ProbeResult
 from master_controller.runtimes.base import Runtime as RuntimeBase
+from master_controller.sessions.bringup import ViewerPathCheck
 from master_controller.settings import Settings
 from master_controller.steps import StepLog
 from master_controller.web.app import create_app, log_config
@@ -79,6 +80,7 @@ async def serving(
     runtime: RuntimeBase,
     log_stream: Any = None,
     probe_interval: float = 60.0,
+    viewer_path: ViewerPathCheck | None = None,
 ) -> AsyncIterator[tuple[str, Any]]:
     """Serve the app on a free loopback port; yields its base URL and the app. Logging is
     configured as `serve` configures it (with ``log_stream`` for every handler, if given)
@@ -87,7 +89,7 @@ async def serving(
     if log_stream is not None:
         for handler in config_dict["handlers"].values():
             handler["stream"] = log_stream
-    app = create_app(settings, runtime, probe_interval=probe_interval)
+    app = create_app(settings, runtime, probe_interval=probe_interval, viewer_path=viewer_path)
     with _logging_restored():
         config = uvicorn.Config(
             app, host="127.0.0.1", port=free_port(), log_config=config_dict, lifespan="on"

@@ -74,7 +74,7 @@ def _sign_in(ctl: Controller, page: Page, settings: Settings, password: str) -> 
     """Start an oauth2 session, open its viewer and type the credentials into the IdP's
     form in the guest's Chromium. Returns the session id."""
     started = ctl.request("POST", "/api/auth/start", json={"userId": "alice", "provider": "oauth2"})
-    assert started.status_code == 201, started.text
+    assert started.status_code == 200, started.text
     session_id = started.json()["sessionId"]
     page.goto(started.json()["novncURL"])
     wait_for_state(page, ctl, "connected", 90)
@@ -120,12 +120,12 @@ def test_sign_in_through_the_viewer_stores_the_token_encrypted(
     token = idp.tokens[-1]["access_token"]
 
     # the guest is hibernated; its viewer was told why
-    vms = ctl.request("GET", "/api/vms").json()
+    vms = ctl.request("GET", "/api/vms").json()["vms"]
     assert next(v for v in vms if v["sessionId"] == session_id)["status"] == "hibernated"
     wait_for_state(page, ctl, "ended", 15)
 
     # metadata without secrets; validation decrypts and checks expiry
-    listed = ctl.request("GET", "/api/auth/credentials/alice").json()
+    listed = ctl.request("GET", "/api/auth/credentials/alice").json()["credentials"]
     assert [c["provider"] for c in listed] == ["oauth2"] and token not in json.dumps(listed)
     valid = ctl.request("GET", "/api/auth/validate/alice/oauth2").json()
     assert valid["valid"] is True and valid["expiresAt"] > time.time() + 3000
@@ -187,7 +187,7 @@ def test_a_wrong_password_stores_nothing(
     body = ctl.request("GET", f"/api/auth/session/{session_id}").json()
     assert body["status"] == "authenticating"
     assert not idp.tokens and not idp.codes
-    assert ctl.request("GET", "/api/auth/credentials/alice").json() == []
+    assert ctl.request("GET", "/api/auth/credentials/alice").json()["credentials"] == []
     status = ctl.request("GET", f"/api/auth/session/{session_id}/credentials/status").json()
     assert status["valid"] is False and status["stored"] is False
     assert any(

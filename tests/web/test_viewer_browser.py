@@ -92,7 +92,7 @@ def _start(ctl: Controller) -> dict[str, str]:
     response = ctl.request(
         "POST", "/api/auth/start", json={"userId": "viewer", "provider": "codex"}
     )
-    assert response.status_code == 201, response.text
+    assert response.status_code == 200, response.text
     return dict(response.json())
 
 

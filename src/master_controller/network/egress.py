@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge
 
+from master_controller.errors import UpstreamFailed
 from master_controller.network.egress_destination import Destinations, HostMap, nonlocal_bind
 from master_controller.network.egress_http import (
     MAX_HEAD,
@@ -45,6 +46,8 @@ from master_controller.network.egress_http import (
     refusal,
     relay,
 )
+from master_controller.network.identities import UPSTREAM_BYTES, UPSTREAM_FAILURES
+from master_controller.network.upstream import Upstream
 from master_controller.settings import Settings
 
 __all__ = ["Allowance", "EgressProxy"]
@@ -77,6 +80,9 @@ class Allowance:
     session_id: str
     domains: tuple[str, ...]
     ports: frozenset[int] = frozenset({443})
+    # the user's exit: every request leaves through it, named by host (it resolves them);
+    # None: from this host
+    upstream: Upstream | None = None
 
     def allows(self, host: str) -> bool:
         host = host.lower().rstrip(".")
@@ -302,9 +308,7 @@ class EgressProxy:
         try:
             request = parse(await read_head(reader, self.head_timeout))
             allowance = self._check(peer, request)
-            streams, address = await self.destinations.connect(
-                request.host, request.port, CONNECT_TIMEOUT, guest.lookups
-            )
+            streams, address = await self._connect(allowance, request, guest)
         except EgressRefused as exc:
             EGRESS_REQUESTS.labels(exc.outcome).inc()
             log.info("egress from %s refused: %s", peer, exc.reason)
@@ -327,9 +331,32 @@ class EgressProxy:
         else:
             connection.upstream.write(request.forward)
         await writer.drain()
-        if await relay((reader, writer), (up_reader, connection.upstream), self.idle_timeout):
+        moved = None
+        if allowance.upstream is not None:
+            moved = UPSTREAM_BYTES.labels(allowance.upstream.name).inc
+        if await relay(
+            (reader, writer), (up_reader, connection.upstream), self.idle_timeout, moved
+        ):
             EGRESS_REQUESTS.labels("idle_closed").inc()
             log.info("egress %s:%s from %s closed: idle", request.host, request.port, peer)
+
+    async def _connect(
+        self, allowance: Allowance, request: Request, guest: _Guest
+    ) -> tuple[tuple[asyncio.StreamReader, asyncio.StreamWriter], str]:
+        """Streams to the request's destination and what to log it as: through the user's
+        upstream by name (nothing resolved here), or from this host to a checked address."""
+        upstream = allowance.upstream
+        if upstream is None:
+            streams, address = await self.destinations.connect(
+                request.host, request.port, CONNECT_TIMEOUT, guest.lookups
+            )
+            return streams, str(address)
+        try:
+            streams = await upstream.open(request.host, request.port, CONNECT_TIMEOUT)
+        except UpstreamFailed as exc:
+            UPSTREAM_FAILURES.labels(upstream.name).inc()
+            raise EgressRefused(502, exc.reason, outcome="upstream_failed") from exc
+        return streams, f"via {upstream.name}"
 
     def _check(self, peer: str, request: Request) -> Allowance:
         """The guest's allowance, if it lets this request through. Raises EgressRefused."""

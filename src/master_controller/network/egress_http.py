@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -136,9 +137,11 @@ async def relay(
     guest: tuple[asyncio.StreamReader, asyncio.StreamWriter],
     upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter],
     idle_timeout: float,
+    moved: Callable[[int], None] | None = None,
 ) -> bool:
     """Carry bytes both ways until both directions have ended, or until no byte moved
     either way for ``idle_timeout`` seconds. Returns True when it stopped for silence.
+    ``moved`` is told the size of every chunk carried, either way.
 
     A direction that ends is half-closed on the other side (the peer sees EOF), so
     request/response exchanges finish normally. Silence is counted across both directions:
@@ -150,6 +153,8 @@ async def relay(
         try:
             while chunk := await source.read(RELAY_CHUNK):
                 last[0] = loop.time()
+                if moved is not None:
+                    moved(len(chunk))
                 sink.write(chunk)
                 await sink.drain()
         except (ConnectionError, OSError):

@@ -88,6 +88,12 @@ class GuestBringUp:
 
         async with lifecycle.work.lock(session_id):
             try:
+                await lifecycle.choose_exit(row)
+            except MCError as exc:  # no working upstream: fail closed, before any boot
+                why = f"no egress identity: {exc.reason}"
+                await lifecycle.end_locked(session_id, State.FAILED, why)
+                return
+            try:
                 async with self.slots.slot(session_id, queued) as waited:
                     if waited >= 0.01:
                         step = StepRecord("boot slot", waited, True, f"waited {waited:.1f}s")

@@ -5,16 +5,21 @@ destroys the guest. Callers hold the session's lock (:mod:`sessions.work`) or ta
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Collection
+from dataclasses import replace
 
 from master_controller.errors import ConfigError, MCError, SessionNotFound
 from master_controller.network.egress import EgressProxy
+from master_controller.network.identities import EgressIdentities
+from master_controller.network.upstream import Upstream
 from master_controller.runtimes.base import GuestState, Runtime
 from master_controller.sessions import providers
 from master_controller.sessions.ledger import SessionLedger
 from master_controller.sessions.states import TERMINAL, VIEWABLE, State
 from master_controller.sessions.work import SessionWork
 from master_controller.settings import Settings
+from master_controller.steps import StepRecord
 from master_controller.store.models import SessionRow
 from master_controller.viewing.relay import ViewerRegistry
 
@@ -28,6 +33,7 @@ class Lifecycle:
         viewers: ViewerRegistry,
         work: SessionWork,
         egress: EgressProxy | None,
+        identities: EgressIdentities | None = None,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
@@ -35,6 +41,22 @@ class Lifecycle:
         self.viewers = viewers
         self.work = work
         self.egress = egress
+        # with upstreams: each session's user's checked exit (absent: no egress at all)
+        self.identities = identities if identities is not None and identities.enabled else None
+        self.exits: dict[str, Upstream] = {}
+
+    async def choose_exit(self, row: SessionRow) -> None:
+        """With upstreams configured: the user's exit, checked now (or recently), for the
+        session's egress; raises NoEgressIdentity (the session must fail: never direct)."""
+        if self.identities is None:
+            return
+        started = time.monotonic()
+        identity = await self.identities.ensure(row.user_id)
+        self.exits[row.id] = identity.upstream
+        detail = f"{identity.upstream.name}, exit {identity.exit_address}"
+        await self.ledger.record(
+            row.id, StepRecord("egress upstream", time.monotonic() - started, True, detail)
+        )
 
     def guest(self, row: SessionRow) -> GuestState:
         """The session's guest as its runtime recorded it."""
@@ -59,6 +81,11 @@ class Lifecycle:
             )
         except ConfigError:  # oauth2 settings gone bad since the start: no egress, then
             allowance = None
+        if State(row.state) in TERMINAL:
+            self.exits.pop(row.id, None)
+        if allowance is not None and self.identities is not None:
+            exit_ = self.exits.get(row.id)  # fail closed: no checked exit, no egress
+            allowance = None if exit_ is None else replace(allowance, upstream=exit_)
         if allowance is not None:
             self.egress.grant(row.browser_ip, allowance)
         else:

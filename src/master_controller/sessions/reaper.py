@@ -16,7 +16,7 @@ from master_controller.errors import MCError
 from master_controller.runtimes.base import GuestStatus
 from master_controller.sessions.lifecycle import Lifecycle
 from master_controller.sessions.signin import SignIn
-from master_controller.sessions.states import ACTIVE, TERMINAL, VIEWABLE, State
+from master_controller.sessions.states import ACTIVE, TERMINAL, TIMED_OUT, VIEWABLE, State
 from master_controller.steps import StepRecord
 from master_controller.store.models import SessionRow, utcnow
 
@@ -47,6 +47,12 @@ class Reaper:
                 alive = False
             if alive and State(row.state) in VIEWABLE:
                 log.info("session %s: guest still running, reattached", row.id)
+                try:
+                    await lifecycle.choose_exit(row)
+                except MCError as exc:
+                    why = f"no egress identity after the restart: {exc.reason}"
+                    await lifecycle.end(row.id, State.FAILED, why, only_from=ACTIVE)
+                    continue
                 lifecycle.follow_egress(row)
                 if State(row.state) == State.AUTHENTICATING:
                     self.sign_in.watch(row)
@@ -82,10 +88,13 @@ class Reaper:
         """Whether (and how) the session should end now, or None."""
         s, state = self.settings, State(row.state)
         if now - row.created_at > timedelta(seconds=s.max_lifetime):
-            return State.TERMINATED, f"maximum lifetime of {s.max_lifetime:.0f}s reached"
+            return (
+                State.TERMINATED,
+                f"{TIMED_OUT}: maximum lifetime of {s.max_lifetime:.0f}s reached",
+            )
         idle = now - row.last_activity_at > timedelta(seconds=s.idle_timeout)
         if state in VIEWABLE and idle and self.lifecycle.viewers.count(row.id) == 0:
-            return State.TERMINATED, f"no viewer for {s.idle_timeout:.0f}s"
+            return State.TERMINATED, f"{TIMED_OUT}: no viewer for {s.idle_timeout:.0f}s"
         if state in (
             State.PROVISIONING,
             State.QUEUED,
@@ -113,7 +122,7 @@ class Reaper:
             expired = now - row.last_activity_at > ttl
             if State(row.state) == State.HIBERNATED:
                 if expired:
-                    why = f"hibernated for over {self.settings.hibernated_ttl:.0f}s"
+                    why = f"{TIMED_OUT}: hibernated for over {self.settings.hibernated_ttl:.0f}s"
                     await lifecycle.end(row.id, State.TERMINATED, why, only_from={State.HIBERNATED})
                 continue
             guest = guests.get(row.guest_id or "")

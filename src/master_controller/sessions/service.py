@@ -28,6 +28,7 @@ from master_controller.errors import (
 )
 from master_controller.images.store import ImageStore
 from master_controller.network.egress import EgressProxy
+from master_controller.network.identities import EgressIdentities
 from master_controller.runtimes.base import GuestFacts, GuestStatus, Runtime
 from master_controller.sessions import guest_input, providers
 from master_controller.sessions.admission import BootSlots
@@ -38,6 +39,7 @@ from master_controller.sessions.reaper import Reaper
 from master_controller.sessions.signin import SignIn
 from master_controller.sessions.states import (
     ACTIVE,
+    CANCELLED,
     HOLDING,
     TERMINAL,
     VIEWABLE,
@@ -71,13 +73,17 @@ class SessionService:
         credentials: CredentialStore,
         viewer_path: ViewerPathCheck,
         egress: EgressProxy | None = None,
+        identities: EgressIdentities | None = None,
     ) -> None:
         self.settings = settings
         self.runtime = runtime
         self.viewers = viewers
         self.ledger = SessionLedger(db)
         self.work = SessionWork()
-        self.lifecycle = Lifecycle(settings, self.ledger, runtime, viewers, self.work, egress)
+        self.lifecycle = Lifecycle(
+            settings, self.ledger, runtime, viewers, self.work, egress, identities
+        )
+        self.identities = identities
         self.sign_in = SignIn(self.lifecycle, credentials)
         self.slots = BootSlots(settings.max_concurrent_boots)
         self.bring_up = GuestBringUp(self.lifecycle, self.sign_in, viewer_path, self.slots)
@@ -101,6 +107,10 @@ class SessionService:
         """How many starts wait for a boot slot ahead of this session's (None: it is not
         waiting)."""
         return self.slots.ahead_of(session_id)
+
+    def is_capturing(self, session_id: str) -> bool:
+        """Whether the session's valid credentials are being fetched and sealed right now."""
+        return self.work.is_capturing(session_id)
 
     def viewer_target(self, row: SessionRow) -> ViewerTarget:
         """Where a viewer of a ready session is relayed to (raises MCError without one)."""
@@ -168,7 +178,7 @@ class SessionService:
             )
 
     async def cancel(self, session_id: str) -> SessionRow:
-        return await self.lifecycle.end(session_id, State.TERMINATED, "cancelled")
+        return await self.lifecycle.end(session_id, State.TERMINATED, CANCELLED)
 
     async def hibernate(self, session_id: str) -> SessionRow:
         """Save the session's guest (VMs: memory and disk; containers: disk) and free its CPU

@@ -21,6 +21,11 @@ class State(StrEnum):
     FAILED = "failed"
 
 
+# How a session's reason starts when the controller ended it for the caller or for time (the
+# API's callers tell these endings apart by them: ``cancelled``, ``timeout``).
+CANCELLED = "cancelled"
+TIMED_OUT = "timed out"
+
 TERMINAL = frozenset({State.TERMINATED, State.FAILED})
 # States whose guest is up and may be viewed.
 VIEWABLE = frozenset({State.READY, State.AUTHENTICATING})

@@ -58,6 +58,9 @@ class SessionWork:
     def watching(self, session_id: str) -> bool:
         return session_id in self._watchers
 
+    def is_capturing(self, session_id: str) -> bool:
+        return session_id in self._capturing
+
     @contextlib.asynccontextmanager
     async def capturing(self, session_id: str) -> Any:
         """Held by a watcher while it captures: stopping the watcher then waits for it."""

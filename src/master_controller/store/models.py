@@ -129,3 +129,32 @@ class UsedTicketRow(Base):
 
     jti: Mapped[str] = mapped_column(String(64), primary_key=True)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class EgressAssignmentRow(Base):
+    """A user's sticky exit: the upstream their guests' traffic leaves through, and what its
+    last check found (the exit address, or why it failed)."""
+
+    __tablename__ = "egress_assignments"
+
+    user_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    upstream: Mapped[str] = mapped_column(String(300), index=True)  # its URL, no credentials
+    assigned_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    exit_address: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    checked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    check_ok: Mapped[bool] = mapped_column(default=False)
+    # why the user's last upstream was left, or the last check failed ("" if none)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+
+
+class UpstreamSecretRow(Base):
+    """An upstream proxy's user name and password, sealed by the vault (bound to the
+    upstream's URL)."""
+
+    __tablename__ = "upstream_secrets"
+
+    upstream: Mapped[str] = mapped_column(String(300), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(32))
+    nonce: Mapped[bytes] = mapped_column(LargeBinary)
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -6,12 +6,15 @@ from fastapi import APIRouter, Depends, Query
 
 from master_controller.auth import Caller
 from master_controller.errors import SessionNotFound
-from master_controller.sessions.states import ACTIVE, VIEWABLE, State
+from master_controller.sessions.states import ACTIVE, HOLDING
 from master_controller.store import repo
 from master_controller.store.models import SessionRow
 from master_controller.web.deps import (
     Services,
+    UserId,
+    acting_user,
     caller,
+    check_acting_user,
     owned_session,
     require_scope,
     services,
@@ -19,12 +22,16 @@ from master_controller.web.deps import (
 from master_controller.web.paths import viewer_path
 from master_controller.web.schemas import (
     USER_ID_PATTERN,
+    ActionView,
     EventView,
     OkResponse,
     OpenUrlRequest,
+    OriginalSession,
     SessionView,
     StartRequest,
     StartResponse,
+    UserSessions,
+    VmList,
     VmView,
 )
 
@@ -37,12 +44,19 @@ def viewer_url(svc: Services, session_id: str) -> str:
     return f"{svc.settings.base_url}{viewer_path(session_id)}?ticket={ticket}"
 
 
+def original_session(svc: Services, row: SessionRow) -> OriginalSession:
+    """The session as the original clients read it (its viewer link while it is live)."""
+    live = row.state in {s.value for s in ACTIVE}
+    novnc_url = viewer_url(svc, row.id) if live else None
+    return OriginalSession.of(row, svc.sessions.is_capturing(row.id), novnc_url)
+
+
 async def session_view(svc: Services, row: SessionRow, with_events: bool = True) -> SessionView:
     events: list[EventView] = []
     if with_events:
         async with svc.db.session() as db:
             events = [EventView.of(e) for e in await repo.events(db, row.id)]
-    live = row.state in {s.value for s in ACTIVE}
+    original = original_session(svc, row)
     return SessionView(
         session_id=row.id,
         user_id=row.user_id,
@@ -58,17 +72,30 @@ async def session_view(svc: Services, row: SessionRow, with_events: bool = True)
         last_activity_at=row.last_activity_at,
         viewers=svc.viewers.count(row.id),
         queue_position=svc.sessions.queue_position(row.id),
-        novnc_url=viewer_url(svc, row.id) if live else None,
+        novnc_url=original.novnc_url,
+        session=original,
         events=events,
     )
 
 
-@router.post("/auth/start", status_code=201, response_model=StartResponse)
-@router.post("/vm/auth", status_code=201, response_model=StartResponse, include_in_schema=False)
+async def action_view(svc: Services, row: SessionRow, message: str) -> ActionView:
+    """The session after an action, with the original's ``success`` and ``message``."""
+    return ActionView(**(await session_view(svc, row)).model_dump(), message=message)
+
+
+@router.post("/auth/start", response_model=StartResponse)
+@router.post("/vm/auth", response_model=StartResponse, include_in_schema=False)
+@router.post("/auth/rotate", response_model=StartResponse)
 async def start_session(
-    body: StartRequest, who: Caller = Depends(caller), svc: Services = Depends(services)
+    body: StartRequest,
+    who: Caller = Depends(caller),
+    svc: Services = Depends(services),
+    acting_for: str | None = Depends(acting_user),
 ) -> StartResponse:
-    """Start a sign-in session; the guest boots in the background."""
+    """Start a sign-in session; the guest boots in the background. (``/auth/rotate``, for
+    credentials that need renewing, is the same: a fresh sign-in whose capture replaces
+    the stored record.)"""
+    check_acting_user(acting_for, body.user_id)
     row = await svc.sessions.start(body.user_id, body.provider, who.key_id)
     return StartResponse(
         session_id=row.id,
@@ -86,11 +113,12 @@ async def get_session(
     return await session_view(svc, row)
 
 
-@router.post("/auth/session/{session_id}/cancel", response_model=SessionView)
+@router.post("/auth/session/{session_id}/cancel", response_model=ActionView)
 async def cancel_session(
     row: SessionRow = Depends(owned_session), svc: Services = Depends(services)
-) -> SessionView:
-    return await session_view(svc, await svc.sessions.cancel(row.id))
+) -> ActionView:
+    """End the session; its guest is destroyed."""
+    return await action_view(svc, await svc.sessions.cancel(row.id), "Session cancelled")
 
 
 @router.post("/auth/session/{session_id}/hibernate", response_model=SessionView)
@@ -107,33 +135,6 @@ async def resume_session(
     row: SessionRow = Depends(owned_session), svc: Services = Depends(services)
 ) -> SessionView:
     """Start a hibernated session again; it is ready when the viewer path works."""
-    return await session_view(svc, await svc.sessions.resume(row.id))
-
-
-async def _users_session(svc: Services, who: Caller, user_id: str, states: set[str]) -> SessionRow:
-    async with svc.db.session() as db:
-        rows = await repo.list_sessions(db, user_id=user_id, states=sorted(states))
-    mine = [r for r in rows if who.owns(r.api_key_id)]
-    if not mine:
-        raise SessionNotFound(f"user {user_id[:128]!r} has no VM that can do that")
-    return mine[0]
-
-
-@router.post("/users/{user_id}/vm/hibernate", response_model=SessionView)
-async def hibernate_users_vm(
-    user_id: str, who: Caller = Depends(caller), svc: Services = Depends(services)
-) -> SessionView:
-    """Hibernate the user's newest live session."""
-    row = await _users_session(svc, who, user_id, {s.value for s in VIEWABLE})
-    return await session_view(svc, await svc.sessions.hibernate(row.id))
-
-
-@router.post("/users/{user_id}/vm/resume", response_model=SessionView)
-async def resume_users_vm(
-    user_id: str, who: Caller = Depends(caller), svc: Services = Depends(services)
-) -> SessionView:
-    """Resume the user's newest hibernated session."""
-    row = await _users_session(svc, who, user_id, {State.HIBERNATED.value})
     return await session_view(svc, await svc.sessions.resume(row.id))
 
 
@@ -156,6 +157,22 @@ async def heartbeat(
     return OkResponse(status=row.state)
 
 
+@router.get("/auth/sessions/{user_id}", response_model=UserSessions)
+async def list_users_sessions(
+    user_id: str = UserId,
+    who: Caller = Depends(caller),
+    svc: Services = Depends(services),
+    acting_for: str | None = Depends(acting_user),
+) -> UserSessions:
+    """The user's sessions this key started, newest first, as the original clients read
+    them."""
+    check_acting_user(acting_for, user_id)
+    async with svc.db.session() as db:
+        rows = await repo.list_sessions(db, user_id=user_id)
+    mine = [original_session(svc, r) for r in rows if who.owns(r.api_key_id)][:200]
+    return UserSessions(sessions=mine, total_active=sum(s.is_active for s in mine))
+
+
 @router.get("/auth/sessions", response_model=list[SessionView])
 async def list_sessions(
     user_id: str | None = Query(None, alias="userId", pattern=USER_ID_PATTERN),
@@ -168,36 +185,34 @@ async def list_sessions(
     return [await session_view(svc, r, with_events=False) for r in visible[:200]]
 
 
+def vm_view(svc: Services, row: SessionRow) -> VmView:
+    facts = svc.sessions.guest_facts(row)
+    vm_id = row.guest_id or row.id
+    return VmView(
+        vm_id=vm_id,
+        session_id=row.id,
+        user_id=row.user_id,
+        provider=row.provider,
+        status=facts.status,
+        session_status=row.state,
+        address=row.browser_ip,
+        runtime=row.runtime,
+        image_id=row.image_id,
+        snapshot_bytes=facts.snapshot_bytes,
+        last_heartbeat=row.last_activity_at,
+    )
+
+
 async def _vms(svc: Services, who: Caller) -> list[VmView]:
     async with svc.db.session() as db:
-        live = [s.value for s in ACTIVE | {State.HIBERNATED, State.CAPTURED}]
-        rows = await repo.list_sessions(db, states=live)
-    vms = []
-    for row in rows:
-        if not who.owns(row.api_key_id):
-            continue
-        facts = svc.sessions.guest_facts(row)
-        vms.append(
-            VmView(
-                vm_id=row.guest_id or row.id,
-                session_id=row.id,
-                user_id=row.user_id,
-                status=facts.status,
-                session_status=row.state,
-                address=row.browser_ip,
-                runtime=row.runtime,
-                image_id=row.image_id,
-                snapshot_bytes=facts.snapshot_bytes,
-            )
-        )
-    return vms
+        rows = await repo.list_sessions(db, states=sorted(HOLDING))
+    return [vm_view(svc, row) for row in rows if who.owns(row.api_key_id)]
 
 
-@router.get("/vms", response_model=list[VmView])
-async def list_vms(
-    who: Caller = Depends(caller), svc: Services = Depends(services)
-) -> list[VmView]:
-    return await _vms(svc, who)
+@router.get("/vms", response_model=VmList)
+async def list_vms(who: Caller = Depends(caller), svc: Services = Depends(services)) -> VmList:
+    """The guests of this key's sessions that are running or kept (hibernated)."""
+    return VmList(vms=await _vms(svc, who))
 
 
 @router.get("/vms/{vm_id}", response_model=VmView)

@@ -12,7 +12,6 @@ import os
 import stat
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from master_controller import __version__
@@ -29,22 +27,23 @@ from master_controller.agent_client import tls_context
 from master_controller.auth import TicketRedaction, Tickets, load_secret
 from master_controller.credentials import CredentialStore
 from master_controller.errors import ConfigError, MCError
-from master_controller.images.store import ImageStore
 from master_controller.instance import claim
 from master_controller.looplag import LoopLagMonitor
 from master_controller.metrics import SESSIONS
 from master_controller.network.egress import EgressProxy
+from master_controller.network.identities import EgressIdentities
 from master_controller.runtimes import best_runtime, get_runtime
 from master_controller.runtimes.base import ProbeCache, Runtime
+from master_controller.sessions.bringup import ViewerPathCheck
 from master_controller.sessions.service import SessionService
-from master_controller.sessions.states import ACTIVE, State
+from master_controller.sessions.states import State
 from master_controller.settings import REPO_ROOT, Settings
 from master_controller.store import repo
 from master_controller.store.database import Database
 from master_controller.vault import Vault
 from master_controller.viewing.readiness import ViewerPath
 from master_controller.viewing.relay import ViewerRegistry
-from master_controller.web import api, credentials_api, viewer
+from master_controller.web import api, credentials_api, system_api, users_api, viewer
 from master_controller.web.deps import Services, services
 from master_controller.web.ratelimit import RateLimiter
 
@@ -103,9 +102,13 @@ class _TooLarge(Exception):
 
 
 def create_app(
-    settings: Settings, runtime: Runtime | None = None, probe_interval: float = PROBE_INTERVAL
+    settings: Settings,
+    runtime: Runtime | None = None,
+    probe_interval: float = PROBE_INTERVAL,
+    viewer_path: ViewerPathCheck | None = None,
 ) -> FastAPI:
-    """The app. ``runtime`` defaults to the setting (``auto``: the best this host can run).
+    """The app. ``runtime`` defaults to the setting (``auto``: the best this host can run),
+    ``viewer_path`` (how a guest is found ready) to the real path through its websockify.
     While it runs (its lifespan) the process umask is 077; the one before is restored."""
 
     @asynccontextmanager
@@ -149,8 +152,17 @@ def create_app(
             viewers = ViewerRegistry()
             credentials = CredentialStore(db, Vault.open(settings))
             egress = EgressProxy(settings)
+            identities = EgressIdentities(settings, db, credentials)
+            await identities.count_users()
             manager = SessionService(
-                settings, db, chosen, viewers, credentials, ViewerPath(chosen), egress=egress
+                settings,
+                db,
+                chosen,
+                viewers,
+                credentials,
+                viewer_path or ViewerPath(chosen),
+                egress=egress,
+                identities=identities,
             )
             limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
             app.state.services = Services(
@@ -188,49 +200,6 @@ def create_app(
             {"success": False, "error": "; ".join(problems)[:1000]}, status_code=422
         )
 
-    @app.get("/health", tags=["health"])
-    async def health() -> dict[str, str]:
-        """Liveness: the process answers."""
-        return {"status": "ok", "version": __version__}
-
-    @app.get("/api/health", tags=["health"])
-    async def api_health(request: Request, svc: Services = Depends(services)) -> dict[str, Any]:
-        """Readiness: runtime (its latest background probe), current image, database,
-        capacity. Never probes the runtime itself, so any number of callers cost no more
-        than a database query each."""
-        probes: ProbeCache = request.app.state.probes
-        probe = probes.result
-        checked = probes.checked_at
-        try:
-            async with svc.db.session() as db:
-                await db.execute(text("SELECT 1"))
-                counts = await repo.count_by_state(db)
-            database = "ok"
-        except Exception as exc:
-            counts, database = {}, f"error: {exc}"
-        active = sum(n for s, n in counts.items() if State(s) in ACTIVE)
-        current = ImageStore(svc.settings.images_dir).current()
-        healthy = probe.usable and current is not None and database == "ok"
-        return {
-            "status": "ok" if healthy else "degraded",
-            "runtime": {
-                "name": svc.runtime.name,
-                "usable": probe.usable,
-                "reason": probe.reason,
-                "checkedAt": None
-                if checked is None
-                else datetime.fromtimestamp(checked, UTC).isoformat(timespec="seconds"),
-            },
-            "image": {"current": current},
-            "database": database,
-            "capacity": {
-                "max": svc.settings.max_sessions,
-                "active": active,
-                "free": max(0, svc.settings.max_sessions - active),
-            },
-            "sessions": counts,
-        }
-
     @app.get("/metrics", include_in_schema=False)
     async def metrics(svc: Services = Depends(services)) -> Response:
         async with svc.db.session() as db:
@@ -243,7 +212,9 @@ def create_app(
     async def operator_page() -> FileResponse:
         return FileResponse(STATIC / "operator.html")
 
+    app.include_router(system_api.router)
     app.include_router(api.router)
+    app.include_router(users_api.router)
     app.include_router(credentials_api.router)
     app.include_router(viewer.router)
     app.mount("/static/app", StaticFiles(directory=STATIC), name="app-static")

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    computed_field,
+)
 from pydantic.alias_generators import to_camel
 
-from master_controller.store.models import CredentialRow, EventRow
+from master_controller.sessions.states import ACTIVE, State
+from master_controller.store.models import CredentialRow, EventRow, SessionRow
+from master_controller.web.original import OriginalStatus, original_status
 from mc_agent import providers
 
 
@@ -34,6 +43,11 @@ class Camel(BaseModel):
 class StartRequest(Camel):
     user_id: str = Field(pattern=USER_ID_PATTERN, description="Whose sign-in this is.")
     provider: Provider = Field(description="The CLI tool to sign in to.")
+    webrtc_offer: dict[str, Any] | None = Field(
+        None,
+        description="Accepted and ignored (the original dashboard sends one): the guest's "
+        "screen is streamed with noVNC, never WebRTC; see GET /api/webrtc/ice-servers.",
+    )
 
 
 class OpenUrlRequest(Camel):
@@ -74,6 +88,38 @@ class EventView(Camel):
         )
 
 
+class OriginalSession(Camel):
+    """A session as the original clients read it (in ``session``, and in user listings)."""
+
+    session_id: str
+    user_id: str
+    provider: str
+    status: OriginalStatus = Field(description="The original system's status vocabulary.")
+    browser_ip: str | None = Field(alias="browserIP")
+    browser_vm_id: str | None = Field(alias="browserVMId")
+    novnc_url: str | None = Field(alias="novncURL")
+    started_at: datetime
+    created_at: datetime
+    is_active: bool = Field(
+        description="The sign-in is under way (not yet captured, saved or ended)."
+    )
+
+    @classmethod
+    def of(cls, row: SessionRow, capturing: bool, novnc_url: str | None) -> OriginalSession:
+        return cls(
+            session_id=row.id,
+            user_id=row.user_id,
+            provider=row.provider,
+            status=original_status(row.state, row.reason, capturing),
+            browser_ip=row.browser_ip,
+            browser_vm_id=row.guest_id,
+            novnc_url=novnc_url,
+            started_at=row.created_at,
+            created_at=row.created_at,
+            is_active=State(row.state) in ACTIVE,
+        )
+
+
 class SessionView(Camel):
     session_id: str
     user_id: str
@@ -92,6 +138,7 @@ class SessionView(Camel):
         None, description="While queued for a boot slot: how many starts are ahead of it."
     )
     novnc_url: str | None = Field(None, alias="novncURL")
+    session: OriginalSession = Field(description="The session as the original clients read it.")
     events: list[EventView] = []
 
 
@@ -99,6 +146,7 @@ class VmView(Camel):
     vm_id: str
     session_id: str
     user_id: str
+    provider: str
     status: str
     session_status: str
     address: str | None
@@ -107,6 +155,28 @@ class VmView(Camel):
     snapshot_bytes: int | None = Field(
         None, description="Size of the saved memory state of a hibernated VM."
     )
+    last_heartbeat: datetime = Field(alias="last_heartbeat", description="Last activity.")
+
+    # the original's names for the same facts (its web app and dashboard read these)
+    @computed_field(alias="id")  # type: ignore[prop-decorator]
+    @property
+    def original_id(self) -> str:
+        return self.vm_id
+
+    @computed_field(alias="vm_id")  # type: ignore[prop-decorator]
+    @property
+    def original_vm_id(self) -> str:
+        return self.vm_id
+
+    @computed_field(alias="user_id")  # type: ignore[prop-decorator]
+    @property
+    def original_user_id(self) -> str:
+        return self.user_id
+
+    @computed_field(alias="ip_address")  # type: ignore[prop-decorator]
+    @property
+    def ip_address(self) -> str | None:
+        return self.address
 
 
 class ViewerStatus(Camel):
@@ -127,18 +197,11 @@ class OAuthUrlView(Camel):
     session_id: str
     provider: str
     url: str | None = Field(description="The sign-in URL (opened in the guest, or printed).")
+    oauth_url: str | None = Field(description="The same (the original's name).")
+    waiting: bool = Field(description="Not known yet (answered with 202): ask again.")
     opened_urls: list[str]
     terminal_urls: list[str]
     prompts_answered: list[str]
-
-
-class CredentialStatusView(Camel):
-    session_id: str
-    provider: str
-    valid: bool
-    reason: str
-    expires_at: float | None = Field(description="Unix time the credentials expire, if known.")
-    stored: bool = Field(description="Whether they are in the vault already.")
 
 
 class CredentialView(Camel):
@@ -159,6 +222,19 @@ class CredentialView(Camel):
         )
 
 
+class CredentialStatusView(Camel):
+    session_id: str
+    provider: str
+    authenticated: bool = Field(description="Valid credentials are there (the original's).")
+    valid: bool
+    reason: str
+    expires_at: float | None = Field(description="Unix time the credentials expire, if known.")
+    stored: bool = Field(description="Whether they are in the vault already.")
+    credentials: CredentialView | None = Field(
+        None, description="Once stored: the record's metadata (never its secrets)."
+    )
+
+
 class ValidationView(Camel):
     user_id: str
     provider: str
@@ -172,3 +248,38 @@ class ExportView(Camel):
     provider: str
     files: dict[str, str]
     captured_at: datetime
+
+
+class UserSessions(Camel):
+    sessions: list[OriginalSession]
+    total_active: int
+
+
+class VmList(Camel):
+    vms: list[VmView]
+
+
+class UsersVmView(Camel):
+    vm: VmView
+
+
+class ActionView(SessionView):
+    """A session after an action (cancel, a user's VM hibernated...): the session, and
+    the original's ``success`` and ``message``."""
+
+    success: bool = True
+    message: str
+
+
+class EgressView(Camel):
+    """A user's egress identity: the upstream their guests leave through (its URL, never
+    its login), the exit address its last check found, and why it last moved or failed."""
+
+    user_id: str
+    direct: bool = Field(description="No upstreams are configured: traffic leaves this host.")
+    upstream: str | None
+    exit_address: str | None
+    assigned_at: datetime | None
+    checked_at: datetime | None
+    check_ok: bool | None
+    last_error: str
