@@ -61,6 +61,7 @@ class Core:
         self.viewer_path = FakeViewerPath()
         self.viewers = ViewerRegistry()
         self.credentials = CredentialStore(db, Vault.open(settings))
+        self.egress: Any = None  # an egress proxy (or a stand-in) the service grants to
         self.service = self._service()
 
     def _service(self) -> SessionService:
@@ -71,7 +72,7 @@ class Core:
             self.viewers,
             self.credentials,
             self.viewer_path,
-            egress=None,
+            egress=self.egress,
             identities=EgressIdentities(self.settings, self.db, self.credentials),
         )
         service.sign_in.watch_interval = WATCH
