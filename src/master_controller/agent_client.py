@@ -140,6 +140,10 @@ class GuestAgent:
     async def open_url(self, url: str) -> None:
         await self.call("POST", "/open-url", {"url": url})
 
+    async def set_clipboard(self, text: str) -> None:
+        """Put ``text`` on the guest display's clipboard (the viewer's paste)."""
+        await self.call("POST", "/clipboard", {"text": text})
+
     async def start_login(self, provider: str, options: dict[str, str]) -> dict[str, Any]:
         return await self.call("POST", "/login", {"provider": provider, "options": options})
 

@@ -141,6 +141,13 @@ class Settings(BaseSettings):
         600.0, description="Seconds a ready session may go without a viewer before it ends."
     )
     max_lifetime: float = Field(1800.0, description="Seconds a session may live at most.")
+    signin_time: float = Field(
+        900.0,
+        gt=0,
+        description="Seconds a person has to sign in once the browser is ready; a heartbeat "
+        "(the viewer's 'More time' button, or the API's) gives this much again from then, "
+        "never past max_lifetime.",
+    )
     ticket_ttl: float = Field(
         300.0,
         description="Seconds a viewer link (novncURL) can be opened after it was issued; it "

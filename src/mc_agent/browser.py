@@ -1,4 +1,5 @@
-"""Opening a URL in the guest's running Chromium (a new tab of the same profile)."""
+"""Opening a URL in the guest's running Chromium (a new tab of the same profile), and
+putting the viewer's pasted text on the guest's clipboard."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ BROWSER_USER = "browser"
 PROFILE = "/home/browser/.config/chromium"
 SCHEMES = ("http", "https", "data")
 MAX_URL = 8192
+MAX_CLIPBOARD = 64 * 1024  # characters: a password, a code, an address; not a document
 
 
 def check_url(url: str) -> str:
@@ -67,3 +69,25 @@ def browser_command(argv: list[str]) -> int:
             fh.write(json.dumps({"url": url, "at": time.time()}) + "\n")
     open_url(url)
     return 0
+
+
+def set_clipboard(text: str) -> int:
+    """Make ``text`` the display's CLIPBOARD (what Ctrl+V pastes in Chromium), owned by an
+    ``xclip`` of the browser user that serves it until something else is copied. Returns
+    how many characters. The text is never written anywhere, nor logged."""
+    if not text or len(text) > MAX_CLIPBOARD:
+        raise ValueError(f"the text must be 1 to {MAX_CLIPBOARD} characters")
+    env = {"DISPLAY": ":1", "HOME": f"/home/{BROWSER_USER}", "PATH": os.environ.get("PATH", "")}
+    xclip = ["xclip", "-selection", "clipboard", "-in"]
+    as_browser = os.geteuid() == pwd.getpwnam(BROWSER_USER).pw_uid
+    # xclip reads the text, then forks to serve it: the command returns once it is owned
+    subprocess.run(
+        xclip if as_browser else ["runuser", "-u", BROWSER_USER, "--", *xclip],
+        input=text.encode(),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=10,
+        check=True,
+    )
+    return len(text)

@@ -123,6 +123,11 @@ class AgentHandler(BaseHTTPRequestHandler):
             body = self._body()
             if path == "/open-url":
                 self._send(HTTPStatus.OK, {"opened": browser.open_url(str(body.get("url", "")))})
+            elif path == "/clipboard":
+                text = body.get("text")
+                if not isinstance(text, str):
+                    raise ValueError("text must be a string")
+                self._send(HTTPStatus.OK, {"characters": browser.set_clipboard(text)})
             elif path == "/login":
                 options = body.get("options") or {}
                 if not isinstance(options, dict) or not all(

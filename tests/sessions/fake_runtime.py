@@ -90,6 +90,7 @@ class AgentGuest:
     fetch_error: str | None = None  # answer POST /credentials/fetch with this 500
     wipe_error: str | None = None
     opened: list[str] = field(default_factory=list)
+    clipboard: str | None = None  # what the viewer pasted last
     logins: int = 0
 
     def files(self) -> dict[str, str]:
@@ -231,6 +232,9 @@ class _AgentHandler(BaseHTTPRequestHandler):
         if self.path == "/open-url":
             guest.opened.append(str(body.get("url")))
             self._send(HTTPStatus.OK, {"opened": True})
+        elif self.path == "/clipboard":
+            guest.clipboard = str(body.get("text"))
+            self._send(HTTPStatus.OK, {"characters": len(guest.clipboard)})
         elif self.path == "/login" and self.owner.refuse_login is not None:
             self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": self.owner.refuse_login})
         elif self.path == "/login":

@@ -148,11 +148,13 @@ class Core:
         )
 
     async def age(self, session_id: str, seconds: float, *, activity: bool = True) -> None:
-        """Move the session's clock back ``seconds`` (created, and last active)."""
+        """Move the session's clock back ``seconds`` (created, sign-in time, last active)."""
         async with self.db.session() as db:
             row = await db.get(SessionRow, session_id)
             assert row is not None
             row.created_at = row.created_at - timedelta(seconds=seconds)
+            if row.ends_at is not None:
+                row.ends_at = row.ends_at - timedelta(seconds=seconds)
             if activity:
                 row.last_activity_at = utcnow() - timedelta(seconds=seconds)
             await db.commit()

@@ -20,7 +20,7 @@ from master_controller.errors import (
 )
 from master_controller.runtimes.base import GuestStatus
 from master_controller.sessions.states import State
-from master_controller.store.models import CredentialRow
+from master_controller.store.models import CredentialRow, utcnow
 from tests.sessions.harness import KEY, PROVIDER, USER, Core, core
 
 ENDED = {State.TERMINATED, State.FAILED}
@@ -373,6 +373,46 @@ async def test_the_reaper_ends_a_session_past_its_lifetime(tmp_path: Path) -> No
         row = await c.service.get(sid)
         assert row.state == State.TERMINATED and "maximum lifetime" in row.reason
         assert c.runtime.existing() == set()
+
+
+async def test_the_sign_in_time_runs_out_unless_extended_within_the_lifetime(
+    tmp_path: Path,
+) -> None:
+    async with core(tmp_path, signin_time=60, max_lifetime=100) as c:
+        sid = await _authenticating(c)
+        row = await c.service.get(sid)
+        assert row.ends_at is not None and row.ready_at is not None
+        assert abs((row.ends_at - row.ready_at).total_seconds() - 60) < 2  # from ready
+        await c.age(sid, 30)
+        extended = await c.service.heartbeat(sid)  # 60 s from now: within the lifetime
+        assert extended.ends_at is not None
+        assert abs((extended.ends_at - utcnow()).total_seconds() - 60) < 2
+        await c.age(sid, 20)
+        capped = await c.service.heartbeat(sid)  # now + 60 would pass created + 100
+        assert capped.ends_at is not None
+        assert abs((capped.ends_at - capped.created_at).total_seconds() - 100) < 2
+        await c.service.reaper.reap_once()
+        assert await c.state(sid) == State.AUTHENTICATING  # time is left
+
+        other = await _authenticating(c)
+        watching = _Viewer()
+        c.viewers.viewers[other].add(watching)  # type: ignore[arg-type]  # even watched:
+        await c.age(other, 61, activity=False)  # no heartbeat for longer than signin_time
+        await c.service.reaper.reap_once()
+        ended = await c.service.get(other)
+        assert ended.state == State.TERMINATED
+        assert ended.reason == "timed out: the sign-in time ran out"
+        assert watching.closed and "timed out" in watching.closed[0][1]
+
+
+class _Viewer:
+    """A viewer as the registry holds it: closed with a code and a reason."""
+
+    def __init__(self) -> None:
+        self.closed: list[tuple[int, str]] = []
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closed.append((code, reason))
 
 
 async def test_the_reaper_ends_a_session_without_a_viewer(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Page
+from playwright.sync_api import Browser, Page
 
 from master_controller.runtimes.container import ContainerRuntime
 from master_controller.settings import Settings
@@ -54,6 +54,7 @@ def ctl(
         oauth2_scope="profile",
         egress_hosts=json.dumps({f"{IDP_HOST}:{port}": "127.0.0.1"}),
         vault_key_file=str(tmp_path / "vault.keys"),
+        signin_time="300",
     ) as running:
         yield running
 
@@ -70,9 +71,12 @@ def _wait_for_title(settings: Settings, session_id: str, text: str, seconds: flo
         time.sleep(0.5)
 
 
-def _sign_in(ctl: Controller, page: Page, settings: Settings, password: str) -> str:
+def _sign_in(
+    ctl: Controller, page: Page, settings: Settings, password: str, paste: bool = False
+) -> str:
     """Start an oauth2 session, open its viewer and type the credentials into the IdP's
-    form in the guest's Chromium. Returns the session id."""
+    form in the guest's Chromium (the password pasted from the clipboard with ``paste``).
+    Returns the session id."""
     started = ctl.request("POST", "/api/auth/start", json={"userId": "alice", "provider": "oauth2"})
     assert started.status_code == 200, started.text
     session_id = started.json()["sessionId"]
@@ -94,7 +98,12 @@ def _sign_in(ctl: Controller, page: Page, settings: Settings, password: str) -> 
     page.locator("#screen canvas").focus()
     page.keyboard.type("alice", delay=30)
     page.keyboard.press("Tab")
-    page.keyboard.type(password, delay=30)
+    if paste:  # as from a password manager: the clipboard, then Ctrl+V on the page
+        page.evaluate("text => navigator.clipboard.writeText(text)", password)
+        page.keyboard.press("Control+V")
+        time.sleep(1)  # the text reaches the guest's clipboard, then its own Ctrl+V
+    else:
+        page.keyboard.type(password, delay=30)
     page.keyboard.press("Enter")
     return str(session_id)
 
@@ -122,7 +131,8 @@ def test_sign_in_through_the_viewer_stores_the_token_encrypted(
     # the guest is hibernated; its viewer was told why
     vms = ctl.request("GET", "/api/vms").json()["vms"]
     assert next(v for v in vms if v["sessionId"] == session_id)["status"] == "hibernated"
-    wait_for_state(page, ctl, "ended", 15)
+    wait_for_state(page, ctl, "signed-in", 15)
+    assert page.locator("#message").inner_text() == "Signed in. You can close this tab."
 
     # metadata without secrets; validation decrypts and checks expiry
     listed = ctl.request("GET", "/api/auth/credentials/alice").json()["credentials"]
@@ -193,3 +203,51 @@ def test_a_wrong_password_stores_nothing(
     assert any(
         "Sign in to the test IdP" in t for t in _window_titles(integration_settings, session_id)
     )
+
+
+def test_a_pasted_password_signs_in_and_the_page_says_what_to_do(
+    ctl: Controller, browser: Browser, idp: IdentityProvider, integration_settings: Settings
+) -> None:
+    context = browser.new_context(
+        viewport={"width": 1100, "height": 760},
+        permissions=["clipboard-read", "clipboard-write"],
+    )
+    page = context.new_page()
+    try:
+        session_id = _sign_in(ctl, page, integration_settings, PASSWORD, paste=True)
+        task = page.locator("#task").inner_text()
+        assert task == "Sign in to OAuth 2.0 (authorization code + PKCE) in the window below."
+        _wait_for_title(integration_settings, session_id, "Allow access", 30)
+        assert int(page.evaluate("document.body.dataset.pastes")) == 1
+
+        # time left, counting down from signin_time; "More time" gives it all again
+        before = _seconds_left(page)
+        assert 200 < before <= 300
+        time.sleep(2)
+        page.locator("#extend").click()
+        page.wait_for_function(f"({SECONDS_LEFT})() > {before}", timeout=10000)
+        assert page.locator("#latency").inner_text().endswith(" ms")
+
+        page.locator("#screen canvas").focus()
+        page.keyboard.press("Enter")  # approve
+        body = ctl.wait_for(session_id, {"captured", "failed"}, timeout=60)
+        assert body["status"] == "captured", (body["reason"], body["events"][-5:])
+        assert idp.tokens and idp.tokens[-1]["user"] == "alice"
+        wait_for_state(page, ctl, "signed-in", 15)
+        assert page.locator("#message").inner_text() == "Signed in. You can close this tab."
+        assert page.locator("#time-left").inner_text() == ""
+        assert page.locator("#paste").is_hidden()
+    finally:
+        context.close()
+
+
+# the viewer's "M:SS left", in seconds (-1 while it shows none)
+SECONDS_LEFT = """() => {
+  const m = document.querySelector("#time-left").textContent.match(/(\\d+):(\\d+)/);
+  return m ? Number(m[1]) * 60 + Number(m[2]) : -1;
+}"""
+
+
+def _seconds_left(page: Page) -> int:
+    page.wait_for_function(f"({SECONDS_LEFT})() >= 0")
+    return int(page.evaluate(f"({SECONDS_LEFT})()"))

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,12 +112,21 @@ def test_viewer_shows_the_guest_browser(ctl: Controller, page: Page, tmp_path: P
     guest_config = ctl.request("GET", f"/api/auth/session/{started['sessionId']}").json()
     assert guest_config["status"] == "ready"
     assert "vnc_password" not in page.content()
+    # copying in the guest (all of its start page) sends nothing to the page
+    page.locator("#screen canvas").focus()
+    page.keyboard.press("Control+A")
+    page.keyboard.press("Control+C")
+    time.sleep(1)
+    assert page.evaluate("document.body.dataset.guestCopies") is None
 
     # cancelling closes the viewer with a reason the page shows in words
     ctl.request("POST", f"/api/auth/session/{started['sessionId']}/cancel")
     wait_for_state(page, ctl, "ended", 15)
     assert page.evaluate("document.body.dataset.closeCode") == "4410"
-    assert "This sign-in session has ended" in page.locator("#message").inner_text()
+    assert (
+        page.locator("#message").inner_text()
+        == "This sign-in was cancelled. You can close this tab."
+    )
 
 
 def test_viewer_without_a_valid_ticket_is_refused(ctl: Controller, page: Page) -> None:
@@ -251,5 +261,5 @@ def test_viewer_says_why_in_words_for_each_fault(
     # the guest dies: the session has ended, and the page says why
     os.kill(runtime.load(session_id).resources["leader"]["pid"], signal.SIGKILL)
     wait_for_state(page, ctl, "ended", 60)
-    assert "This sign-in session has ended" in _message(page)
+    assert "The sign-in failed" in _message(page)
     assert "the guest stopped unexpectedly" in _message(page)

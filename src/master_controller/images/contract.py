@@ -74,6 +74,8 @@ BROWSER_UNITS = (
             "-localhost",
             "-forever",
             "-shared",
+            # no clipboard over VNC: nothing copied in the guest may reach a viewer
+            "-nosel",
         ),
         one_of_args=("-rfbauth", "-passwdfile"),
         forbidden_args=("-nopw",),

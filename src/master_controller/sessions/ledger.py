@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection
+from datetime import timedelta
 
 from master_controller.errors import SessionNotFound
 from master_controller.metrics import STEP_SECONDS
@@ -82,6 +83,23 @@ class SessionLedger:
             if row is not None:
                 row.guest_id, row.browser_ip = guest_id, address
                 await db.commit()
+
+    async def extend(self, session_id: str, seconds: float, max_lifetime: float) -> SessionRow:
+        """Give the session ``seconds`` of sign-in time from now (never past its
+        ``max_lifetime``), as activity."""
+        async with self.db.session() as db:
+            row = await repo.get_session(db, session_id)
+            if row is None:
+                raise SessionNotFound(f"no session {session_id}")
+            now = utcnow()
+            row.ends_at = min(
+                now + timedelta(seconds=seconds),
+                row.created_at + timedelta(seconds=max_lifetime),
+            )
+            row.last_activity_at = now
+            await db.commit()
+            await db.refresh(row)
+            return row
 
     async def touch(self, session_id: str) -> None:
         async with self.db.session() as db:

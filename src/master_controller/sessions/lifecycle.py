@@ -66,8 +66,15 @@ class Lifecycle:
 
     async def transition(self, session_id: str, new: State, reason: str = "") -> SessionRow:
         row = await self.ledger.transition(session_id, new, reason)
+        if new == State.READY:  # the person's sign-in time starts when they can sign in
+            row = await self.extend(session_id)
         self.follow_egress(row)
         return row
+
+    async def extend(self, session_id: str) -> SessionRow:
+        """``signin_time`` more from now for the person (within ``max_lifetime``)."""
+        s = self.settings
+        return await self.ledger.extend(session_id, s.signin_time, s.max_lifetime)
 
     def follow_egress(self, row: SessionRow) -> None:
         """Egress is granted to a guest only while its session is ready or signing in;

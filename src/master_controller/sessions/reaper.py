@@ -92,6 +92,8 @@ class Reaper:
                 State.TERMINATED,
                 f"{TIMED_OUT}: maximum lifetime of {s.max_lifetime:.0f}s reached",
             )
+        if row.ends_at is not None and now > row.ends_at and state != State.HIBERNATING:
+            return State.TERMINATED, f"{TIMED_OUT}: the sign-in time ran out"
         idle = now - row.last_activity_at > timedelta(seconds=s.idle_timeout)
         if state in VIEWABLE and idle and self.lifecycle.viewers.count(row.id) == 0:
             return State.TERMINATED, f"{TIMED_OUT}: no viewer for {s.idle_timeout:.0f}s"

@@ -248,12 +248,21 @@ class SessionService:
         opened = StepRecord("open url", 0.0, True, guest_input.origin(url) or "")
         await self.ledger.record(session_id, opened)
 
+    async def paste(self, session_id: str, text: str) -> None:
+        """Put the viewer's text on the guest's clipboard (nothing of it is recorded)."""
+        await (await self._viewable_agent(session_id)).set_clipboard(text)
+
+    async def _viewable_agent(self, session_id: str) -> GuestAgent:
+        row = await self.ledger.get(session_id)
+        if State(row.state) not in VIEWABLE:
+            raise SessionStateError(f"session {session_id} is {row.state}; it has no browser now")
+        return self.sign_in.agent(row)
+
     async def heartbeat(self, session_id: str) -> SessionRow:
         row = await self.ledger.get(session_id)
         if State(row.state) in TERMINAL:
             raise SessionStateError(f"the session has ended ({row.state})")
-        await self.ledger.touch(session_id)
-        return await self.ledger.get(session_id)
+        return await self.lifecycle.extend(session_id)
 
     async def viewer_activity(self, session_id: str) -> None:
         await self.ledger.touch(session_id)

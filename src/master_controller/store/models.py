@@ -50,6 +50,9 @@ class SessionRow(Base):
     ready_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     last_activity_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # when the person's sign-in time runs out (set when the guest is ready, pushed out by a
+    # heartbeat, never past created_at + max_lifetime); None before it is first ready
+    ends_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class EventRow(Base):

@@ -70,6 +70,7 @@ async def session_view(svc: Services, row: SessionRow, with_events: bool = True)
         ready_at=row.ready_at,
         ended_at=row.ended_at,
         last_activity_at=row.last_activity_at,
+        ends_at=row.ends_at,
         viewers=svc.viewers.count(row.id),
         queue_position=svc.sessions.queue_position(row.id),
         novnc_url=original.novnc_url,

@@ -133,6 +133,9 @@ class SessionView(Camel):
     ready_at: datetime | None
     ended_at: datetime | None
     last_activity_at: datetime
+    ends_at: datetime | None = Field(
+        None, description="When the sign-in time runs out; POST .../heartbeat extends it."
+    )
     viewers: int
     queue_position: int | None = Field(
         None, description="While queued for a boot slot: how many starts are ahead of it."
@@ -185,7 +188,20 @@ class ViewerStatus(Camel):
     ready: bool
     ended: bool
     queue_position: int | None = None
+    provider: str
+    provider_title: str = Field(description="The CLI tool's name, for people.")
+    ends_at: datetime | None = Field(
+        None, description="When the sign-in time runs out (a heartbeat extends it)."
+    )
+    seconds_left: float | None = Field(
+        None, description="Until ends_at, by the controller's clock (None: not counting)."
+    )
+    latest_end: datetime = Field(description="created + max_lifetime: no extension passes it.")
     events: list[EventView]
+
+
+class PasteRequest(Camel):
+    text: str = Field(min_length=1, max_length=64 * 1024, description="What the person pastes.")
 
 
 class OkResponse(Camel):

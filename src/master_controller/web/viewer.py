@@ -8,20 +8,29 @@ holds this session's cookie: then it is simply the viewer again).
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Request, WebSocket
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from starlette.requests import HTTPConnection
 
 from master_controller.auth import Forbidden, TicketUsed, Unauthorized, redeem
 from master_controller.errors import MCError, SessionNotFound
 from master_controller.sessions.states import TERMINAL, VIEWABLE, State
+from master_controller.store.models import SessionRow, utcnow
 from master_controller.viewing.close_codes import CloseCode
 from master_controller.viewing.relay import ViewerConnection, relay
 from master_controller.web.deps import Services, check_session_id, services
 from master_controller.web.paths import VIEWER_COOKIE, viewer_path
-from master_controller.web.schemas import EventView, ViewerStatus
+from master_controller.web.schemas import (
+    EventView,
+    OkResponse,
+    PasteRequest,
+    ViewerStatus,
+)
+from mc_agent import providers
 
 STATIC = Path(__file__).parent / "static"
 router = APIRouter(prefix="/api/auth/session/{session_id}/novnc")
@@ -90,34 +99,80 @@ def _has_cookie(svc: Services, request: Request, session_id: str) -> bool:
     return True
 
 
-@router.get("/status", response_model=ViewerStatus, include_in_schema=False)
-async def viewer_status(
+async def viewed_session(
     session_id: str, request: Request, svc: Services = Depends(services)
-) -> ViewerStatus:
-    """Progress and state for the viewer page (viewer cookie, no API key)."""
+) -> SessionRow:
+    """The session, for a browser holding its viewer cookie (no API key)."""
     row = await svc.sessions.get(check_session_id(session_id))
     svc.tickets.check_cookie(
         request.cookies.get(VIEWER_COOKIE), session_id, svc.settings.max_lifetime
     )
-    events = await svc.sessions.ledger.events(session_id)
+    return row
+
+
+async def _status(svc: Services, row: SessionRow) -> ViewerStatus:
+    events = await svc.sessions.ledger.events(row.id)
+    counting = row.ends_at is not None and State(row.state) in VIEWABLE
+    left = (row.ends_at - utcnow()).total_seconds() if counting and row.ends_at else None
     return ViewerStatus(
         status=row.state,
         reason=row.reason,
-        ready=State(row.state) in VIEWABLE,
+        ready=State(row.state) in VIEWABLE and not svc.sessions.is_capturing(row.id),
         ended=State(row.state) in TERMINAL,
-        queue_position=svc.sessions.queue_position(session_id),
+        queue_position=svc.sessions.queue_position(row.id),
+        provider=row.provider,
+        provider_title=providers.get(row.provider).title,
+        ends_at=row.ends_at,
+        seconds_left=None if left is None else max(0.0, left),
+        latest_end=row.created_at + timedelta(seconds=svc.settings.max_lifetime),
         events=[EventView.of(e) for e in events],
     )
 
 
-def origin_allowed(websocket: WebSocket, services: Services) -> bool:
-    origin = websocket.headers.get("origin")
+@router.get("/status", response_model=ViewerStatus, include_in_schema=False)
+async def viewer_status(
+    row: SessionRow = Depends(viewed_session), svc: Services = Depends(services)
+) -> ViewerStatus:
+    """Progress and state for the viewer page."""
+    return await _status(svc, row)
+
+
+@router.post("/heartbeat", response_model=ViewerStatus, include_in_schema=False)
+async def viewer_heartbeat(
+    request: Request,
+    row: SessionRow = Depends(viewed_session),
+    svc: Services = Depends(services),
+) -> ViewerStatus:
+    """The person asks for more time (the page's button): ``signin_time`` from now, never
+    past ``max_lifetime``. Same-origin requests only (the cookie is SameSite=Strict too)."""
+    if not origin_allowed(request, svc):
+        raise Forbidden("this page is not allowed to extend the session")
+    return await _status(svc, await svc.sessions.heartbeat(row.id))
+
+
+@router.post("/clipboard", response_model=OkResponse, include_in_schema=False)
+async def viewer_clipboard(
+    body: PasteRequest,
+    request: Request,
+    row: SessionRow = Depends(viewed_session),
+    svc: Services = Depends(services),
+) -> OkResponse:
+    """The person's pasted text, onto the guest's clipboard (the page then sends Ctrl+V).
+    Same-origin only. Nothing goes the other way: the guest's clipboard never leaves it."""
+    if not origin_allowed(request, svc):
+        raise Forbidden("this page is not allowed to paste into the session")
+    await svc.sessions.paste(row.id, body.text)
+    return OkResponse(status=row.state)
+
+
+def origin_allowed(connection: HTTPConnection, services: Services) -> bool:
+    origin = connection.headers.get("origin")
     if origin is None:
         return False
     allowed = {services.settings.base_url, *services.settings.allowed_origins}
     if origin.rstrip("/") in allowed:
         return True
-    host = websocket.headers.get("host", "")
+    host = connection.headers.get("host", "")
     return urlsplit(origin).netloc == host and urlsplit(origin).scheme in ("http", "https")
 
 
@@ -153,6 +208,9 @@ async def viewer_socket(session_id: str, websocket: WebSocket) -> None:
         return
     if state not in VIEWABLE:
         await viewer.close(CloseCode.NOT_READY, f"session is {state}, not ready yet")
+        return
+    if svc.sessions.is_capturing(session_id):  # its viewers were closed for the capture
+        await viewer.close(CloseCode.ENDED, "credentials captured")
         return
     try:
         target = svc.sessions.viewer_target(row)

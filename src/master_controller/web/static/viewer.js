@@ -1,5 +1,7 @@
 // The viewer: shows the session's progress, then the remote browser through noVNC.
 import RFB from "/static/novnc/core/rfb.js";
+import keysyms from "/static/novnc/core/input/keysymdef.js";
+import KeyTable from "/static/novnc/core/input/keysym.js";
 
 const base = location.pathname.replace(/\/$/, "");
 const wsUrl = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + base + "/websock";
@@ -8,6 +10,19 @@ const stateEl = document.getElementById("state");
 const messageEl = document.getElementById("message");
 const stepsEl = document.getElementById("steps");
 const screen = document.getElementById("screen");
+const taskEl = document.getElementById("task");
+const timeLeftEl = document.getElementById("time-left");
+const latencyEl = document.getElementById("latency");
+const extendButton = document.getElementById("extend");
+const pasteButton = document.getElementById("paste");
+const typeOpenButton = document.getElementById("type-open");
+const typePanel = document.getElementById("type-panel");
+const typeText = document.getElementById("type-text");
+const typeNote = document.getElementById("type-note");
+// while connected, the page asks for the session's state this often (time left, the end)
+const WATCH_MS = 5000;
+// a time left under this shows as short, with the "More time" button
+const SHORT_SECONDS = 180;
 
 // Close codes the controller sends, in words. Codes in FINAL mean: do not reconnect.
 const REASONS = {
@@ -25,6 +40,8 @@ const FINAL = new Set([4401, 4403, 4404, 4410]);
 
 let attempts = 0;
 let rfb = null;
+let deadline = null;  // Date.now() at which the sign-in time runs out, as last told
+let watching = null;
 
 function show(state, label, message, isError = false) {
   body.dataset.state = state;
@@ -47,15 +64,109 @@ function renderSteps(events) {
 
 class Refused extends Error {}
 
-async function fetchStatus() {
-  const response = await fetch(base + "/status", { cache: "no-store", credentials: "same-origin" });
+async function fetchStatus(method = "GET", path = "/status") {
+  const asked = performance.now();
+  const response = await fetch(base + path, { method, cache: "no-store", credentials: "same-origin" });
   if (!response.ok) {
     const detail = await response.json().catch(() => ({}));
     const message = detail.error || `status ${response.status}`;
     // 4xx: this viewer may not see the session; 5xx: the controller has a problem, retry
     throw response.status < 500 ? new Refused(message) : new Error(message);
   }
-  return response.json();
+  const status = await response.json();
+  latencyEl.textContent = `${Math.round(performance.now() - asked)} ms`;
+  learn(status);
+  return status;
+}
+
+// What the page tells from a status: what to do, and the time left.
+function learn(status) {
+  taskEl.textContent = status.ready ? `Sign in to ${status.providerTitle} in the window below.` : "";
+  deadline = status.secondsLeft == null ? null : Date.now() + status.secondsLeft * 1000;
+  showTimeLeft();
+}
+
+function showTimeLeft() {
+  if (deadline === null || body.dataset.state === "ended" || body.dataset.state === "signed-in") {
+    timeLeftEl.textContent = "";
+    extendButton.hidden = true;
+    return;
+  }
+  const left = Math.max(0, Math.round((deadline - Date.now()) / 1000));
+  const minutes = Math.floor(left / 60);
+  timeLeftEl.textContent = `${minutes}:${String(left % 60).padStart(2, "0")} left`;
+  timeLeftEl.classList.toggle("short", left < SHORT_SECONDS);
+  extendButton.hidden = false;
+}
+setInterval(showTimeLeft, 1000);
+
+extendButton.addEventListener("click", async () => {
+  extendButton.disabled = true;
+  try {
+    await fetchStatus("POST", "/heartbeat");
+  } catch (error) {
+    timeLeftEl.textContent = `could not extend: ${error.message}`;
+  } finally {
+    extendButton.disabled = false;
+  }
+});
+
+// The end, in words a person reads: signed in, cancelled, out of time, or failed and why.
+function showEnd(status) {
+  if (status.status === "captured") {
+    show("signed-in", "Signed in", "Signed in. You can close this tab.");
+  } else if (status.status === "terminated" && status.reason.startsWith("timed out")) {
+    show("ended", "Ended", `The time for this sign-in ran out (${status.reason}). Start a new sign-in to try again.`, true);
+  } else if (status.status === "terminated") {
+    show("ended", "Cancelled", "This sign-in was cancelled. You can close this tab.", true);
+  } else {
+    show("ended", "Failed", `The sign-in failed: ${status.reason || status.status}.`, true);
+  }
+  setTools(false);
+  showTimeLeft();
+}
+
+// After the viewer was closed for the end: the session's final state (a capture takes a
+// moment to seal the credentials) says what to tell the person.
+async function waitForTheEnd(fallback) {
+  show("ending", "Finishing…", "Saving your sign-in…");
+  for (let tries = 0; tries < 90; tries++) {
+    try {
+      const status = await fetchStatus();
+      renderSteps(status.events);
+      if (status.ended || status.status === "captured") {
+        showEnd(status);
+        return;
+      }
+    } catch (error) {
+      if (error instanceof Refused) break;
+    }
+    await new Promise((resolve) => setTimeout(resolve, 700));
+  }
+  show("ended", "Ended", fallback, true);
+}
+
+function setTools(on) {
+  pasteButton.hidden = !on;
+  typeOpenButton.hidden = !on;
+  if (!on) typePanel.hidden = true;
+}
+
+// While connected: follow the session (the time left; a capture or an end closes the view).
+function watch() {
+  clearInterval(watching);
+  watching = setInterval(async () => {
+    try {
+      const status = await fetchStatus();
+      if (status.ended || status.status === "captured") {
+        clearInterval(watching);
+        if (rfb) rfb.disconnect();
+        showEnd(status);
+      }
+    } catch (error) {
+      latencyEl.textContent = "no answer";
+    }
+  }, WATCH_MS);
 }
 
 async function waitUntilReady() {
@@ -74,8 +185,8 @@ async function waitUntilReady() {
       continue;
     }
     renderSteps(status.events);
-    if (status.ended) {
-      show("ended", "Ended", `This sign-in session has ended: ${status.reason || status.status}.`, true);
+    if (status.ended || status.status === "captured") {
+      showEnd(status);
       return;
     }
     if (status.ready) {
@@ -107,18 +218,32 @@ function connect() {
   rfb.scaleViewport = true;
   rfb.resizeSession = false;
   rfb.background = "#101820";
+  // the guest's clipboard is never taken out (credentials live there; its VNC server sends
+  // none either): anything that arrives is only counted, for the tests that check it
+  rfb.addEventListener("clipboard", () => {
+    body.dataset.guestCopies = String(Number(body.dataset.guestCopies || "0") + 1);
+  });
   rfb.addEventListener("connect", () => {
     attempts = 0;
     show("connected", "Connected", "");
+    setTools(true);
+    watch();
   });
   rfb.addEventListener("disconnect", () => {
     rfb = null;
+    setTools(false);
+    clearInterval(watching);
+    if (body.dataset.state === "signed-in" || body.dataset.state === "ended") return;
     const info = closed || { code: 1006, reason: "" };
     const words = REASONS[info.code] || `The connection closed (code ${info.code}).`;
     const why = info.reason ? ` (${info.reason})` : "";
     body.dataset.closeCode = String(info.code);
+    if (info.code === 4410) {  // ended: say how, from the session itself
+      waitForTheEnd(words + why);
+      return;
+    }
     if (FINAL.has(info.code)) {
-      show("ended", info.code === 4410 ? "Ended" : "Refused", words + why, true);
+      show("ended", "Refused", words + why, true);
       return;
     }
     if (info.code === 4412) {  // hibernated: wait for the resume, without backoff
@@ -131,6 +256,95 @@ function connect() {
     show("reconnecting", "Reconnecting…", `${words}${why} Reconnecting in ${delay} s…`, true);
     setTimeout(waitUntilReady, delay * 1000);
   });
+}
+
+// --- paste: the person's clipboard text reaches the focused field in the guest -------------
+
+// Ctrl+V (Cmd+V) on the page: kept from noVNC (which would send the keys at once, before the
+// text), so that the browser's paste event brings the text; that sets the guest's clipboard,
+// then the guest gets its own Ctrl+V.
+window.addEventListener("keydown", (event) => {
+  if (!rfb || !(event.ctrlKey || event.metaKey) || event.altKey) return;
+  if (event.key === "v" || event.key === "V") event.stopImmediatePropagation();
+}, true);
+
+document.addEventListener("paste", (event) => {
+  if (!rfb || !typePanel.hidden && typePanel.contains(document.activeElement)) return;
+  event.preventDefault();
+  const text = event.clipboardData ? event.clipboardData.getData("text/plain") : "";
+  if (text) pasteIntoGuest(text);
+});
+
+async function pasteIntoGuest(text) {
+  body.dataset.pastes = String(Number(body.dataset.pastes || "0") + 1);
+  try {
+    const response = await fetch(base + "/clipboard", {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ text }),
+    });
+    if (!response.ok) throw new Error(`status ${response.status}`);
+  } catch (error) {
+    typeIntoGuest(text);  // the guest's clipboard could not take it: typed instead
+    return;
+  }
+  if (!rfb) return;
+  // the guest's own paste, now that its clipboard holds the text
+  rfb.sendKey(KeyTable.XK_Control_L, "ControlLeft", true);
+  rfb.sendKey(KeyTable.XK_v, "KeyV");
+  rfb.sendKey(KeyTable.XK_Control_L, "ControlLeft", false);
+  rfb.focus();
+}
+
+pasteButton.addEventListener("click", async () => {
+  try {
+    const text = await navigator.clipboard.readText();
+    if (text) pasteIntoGuest(text);
+  } catch (error) {
+    // the browser withholds the clipboard: offer the field to paste into instead
+    typePanel.hidden = false;
+    typeNote.textContent = "Your browser does not let the page read the clipboard: paste here, then Type it.";
+    typeText.focus();
+  }
+});
+
+// "Type text": for fields that refuse paste, the text goes as key presses, one by one.
+typeOpenButton.addEventListener("click", () => {
+  typePanel.hidden = !typePanel.hidden;
+  typeNote.textContent = "";
+  if (!typePanel.hidden) typeText.focus();
+});
+document.getElementById("type-close").addEventListener("click", () => {
+  typePanel.hidden = true;
+  typeText.value = "";
+  if (rfb) rfb.focus();
+});
+typePanel.addEventListener("submit", (event) => {
+  event.preventDefault();
+  if (!rfb) return;
+  const text = typeText.value;
+  typeText.value = "";
+  typePanel.hidden = true;
+  rfb.focus();
+  typeIntoGuest(text);
+});
+
+function typeIntoGuest(text) {
+  for (const char of text) {
+    if (char === "\n") {
+      rfb.sendKey(KeyTable.XK_Return, "Enter");
+      continue;
+    }
+    const keysym = keysyms.lookup(char.codePointAt(0));
+    if (!keysym) continue;
+    // capitals with Shift: a keysym the guest's VNC server adds to its keymap (Ü, say) sits
+    // on a key of its own, whose unshifted level is the small letter
+    const capital = char !== char.toLowerCase();
+    if (capital) rfb.sendKey(KeyTable.XK_Shift_L, "ShiftLeft", true);
+    rfb.sendKey(keysym, null);
+    if (capital) rfb.sendKey(KeyTable.XK_Shift_L, "ShiftLeft", false);
+  }
 }
 
 sessionStorage.removeItem("mc-viewer-reloads");
