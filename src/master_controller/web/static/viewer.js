@@ -2,6 +2,7 @@
 import RFB from "/static/novnc/core/rfb.js";
 import keysyms from "/static/novnc/core/input/keysymdef.js";
 import KeyTable from "/static/novnc/core/input/keysym.js";
+import { t, translatePage } from "/static/app/viewer-texts.js";
 
 const base = location.pathname.replace(/\/$/, "");
 const wsUrl = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + base + "/websock";
@@ -24,18 +25,9 @@ const WATCH_MS = 5000;
 // a time left under this shows as short, with the "More time" button
 const SHORT_SECONDS = 180;
 
-// Close codes the controller sends, in words. Codes in FINAL mean: do not reconnect.
-const REASONS = {
-  1006: "The connection dropped without a reason (network or proxy problem).",
-  1011: "The browser machine's display could not be reached.",
-  4401: "This viewer link is not valid any more. Open the link you were given again.",
-  4403: "This page is not allowed to open the viewer connection.",
-  4404: "This sign-in session does not exist.",
-  4409: "The browser machine is not ready yet.",
-  4410: "This sign-in session has ended.",
-  4412: "This session was put to sleep (hibernated). It comes back when it is resumed.",
-  4429: "This session has as many viewers as it allows. Close another viewer and retry.",
-};
+// Close codes the controller sends, in words (viewer-texts.js). FINAL: do not reconnect.
+const CLOSE_CODES = new Set([1006, 1011, 4401, 4403, 4404, 4409, 4410, 4412, 4429]);
+const closeWords = (code) => (CLOSE_CODES.has(code) ? t(`close${code}`) : t("closedWithCode", { code }));
 const FINAL = new Set([4401, 4403, 4404, 4410]);
 
 let attempts = 0;
@@ -81,7 +73,7 @@ async function fetchStatus(method = "GET", path = "/status") {
 
 // What the page tells from a status: what to do, and the time left.
 function learn(status) {
-  taskEl.textContent = status.ready ? `Sign in to ${status.providerTitle} in the window below.` : "";
+  taskEl.textContent = status.ready ? t("task", { provider: status.providerTitle }) : "";
   deadline = status.secondsLeft == null ? null : Date.now() + status.secondsLeft * 1000;
   showTimeLeft();
 }
@@ -94,7 +86,7 @@ function showTimeLeft() {
   }
   const left = Math.max(0, Math.round((deadline - Date.now()) / 1000));
   const minutes = Math.floor(left / 60);
-  timeLeftEl.textContent = `${minutes}:${String(left % 60).padStart(2, "0")} left`;
+  timeLeftEl.textContent = t("timeLeft", { time: `${minutes}:${String(left % 60).padStart(2, "0")}` });
   timeLeftEl.classList.toggle("short", left < SHORT_SECONDS);
   extendButton.hidden = false;
 }
@@ -105,7 +97,7 @@ extendButton.addEventListener("click", async () => {
   try {
     await fetchStatus("POST", "/heartbeat");
   } catch (error) {
-    timeLeftEl.textContent = `could not extend: ${error.message}`;
+    timeLeftEl.textContent = t("extendFailed", { error: error.message });
   } finally {
     extendButton.disabled = false;
   }
@@ -114,13 +106,13 @@ extendButton.addEventListener("click", async () => {
 // The end, in words a person reads: signed in, cancelled, out of time, or failed and why.
 function showEnd(status) {
   if (status.status === "captured") {
-    show("signed-in", "Signed in", "Signed in. You can close this tab.");
+    show("signed-in", t("signedIn"), t("signedInMessage"));
   } else if (status.status === "terminated" && status.reason.startsWith("timed out")) {
-    show("ended", "Ended", `The time for this sign-in ran out (${status.reason}). Start a new sign-in to try again.`, true);
+    show("ended", t("ended"), t("timedOutMessage", { reason: status.reason }), true);
   } else if (status.status === "terminated") {
-    show("ended", "Cancelled", "This sign-in was cancelled. You can close this tab.", true);
+    show("ended", t("cancelled"), t("cancelledMessage"), true);
   } else {
-    show("ended", "Failed", `The sign-in failed: ${status.reason || status.status}.`, true);
+    show("ended", t("failed"), t("failedMessage", { reason: status.reason || status.status }), true);
   }
   setTools(false);
   showTimeLeft();
@@ -129,7 +121,7 @@ function showEnd(status) {
 // After the viewer was closed for the end: the session's final state (a capture takes a
 // moment to seal the credentials) says what to tell the person.
 async function waitForTheEnd(fallback) {
-  show("ending", "Finishing…", "Saving your sign-in…");
+  show("ending", t("finishing"), t("finishingMessage"));
   for (let tries = 0; tries < 90; tries++) {
     try {
       const status = await fetchStatus();
@@ -143,7 +135,7 @@ async function waitForTheEnd(fallback) {
     }
     await new Promise((resolve) => setTimeout(resolve, 700));
   }
-  show("ended", "Ended", fallback, true);
+  show("ended", t("ended"), fallback, true);
 }
 
 function setTools(on) {
@@ -164,7 +156,7 @@ function watch() {
         showEnd(status);
       }
     } catch (error) {
-      latencyEl.textContent = "no answer";
+      latencyEl.textContent = t("noAnswer");
     }
   }, WATCH_MS);
 }
@@ -176,11 +168,11 @@ async function waitUntilReady() {
       status = await fetchStatus();
     } catch (error) {
       if (error instanceof Refused) {
-        show("refused", "Refused", error.message, true);
+        show("refused", t("refused"), error.message, true);
         return;
       }
       // the network or the controller hiccuped: keep trying
-      show("booting", "Waiting…", `Cannot reach the controller (${error.message}); retrying…`, true);
+      show("booting", t("waiting"), t("unreachable", { error: error.message }), true);
       await new Promise((resolve) => setTimeout(resolve, 2000));
       continue;
     }
@@ -194,22 +186,21 @@ async function waitUntilReady() {
       return;
     }
     if (["hibernating", "hibernated"].includes(status.status)) {
-      show("hibernated", "Hibernated", REASONS[4412]);
+      show("hibernated", t("hibernated"), closeWords(4412));
     } else if (status.queuePosition !== null && status.queuePosition !== undefined) {
       const ahead = status.queuePosition;
-      const who = ahead === 0 ? "you are next" : `${ahead} ahead of you`;
-      show("booting", "Waiting…", `Many people are signing in right now: waiting for a free slot, ${who}…`);
+      show("booting", t("waiting"), ahead === 0 ? t("queuedNext") : t("queued", { ahead }));
     } else if (status.status === "resuming") {
-      show("booting", "Resuming…", "Waking your isolated browser up…");
+      show("booting", t("resuming"), t("resumingMessage"));
     } else {
-      show("booting", "Starting…", `Starting your isolated browser (${status.status})…`);
+      show("booting", t("starting"), t("startingMessage", { status: status.status }));
     }
     await new Promise((resolve) => setTimeout(resolve, 700));
   }
 }
 
 function connect() {
-  show("connecting", "Connecting…", "Connecting to your browser…");
+  show("connecting", t("connecting"), t("connectingMessage"));
   const socket = new WebSocket(wsUrl, ["binary"]);
   socket.binaryType = "arraybuffer";
   let closed = null;
@@ -225,7 +216,7 @@ function connect() {
   });
   rfb.addEventListener("connect", () => {
     attempts = 0;
-    show("connected", "Connected", "");
+    show("connected", t("connected"), "");
     setTools(true);
     watch();
   });
@@ -235,7 +226,7 @@ function connect() {
     clearInterval(watching);
     if (body.dataset.state === "signed-in" || body.dataset.state === "ended") return;
     const info = closed || { code: 1006, reason: "" };
-    const words = REASONS[info.code] || `The connection closed (code ${info.code}).`;
+    const words = closeWords(info.code);
     const why = info.reason ? ` (${info.reason})` : "";
     body.dataset.closeCode = String(info.code);
     if (info.code === 4410) {  // ended: say how, from the session itself
@@ -243,17 +234,17 @@ function connect() {
       return;
     }
     if (FINAL.has(info.code)) {
-      show("ended", "Refused", words + why, true);
+      show("ended", t("refused"), words + why, true);
       return;
     }
     if (info.code === 4412) {  // hibernated: wait for the resume, without backoff
-      show("hibernated", "Hibernated", REASONS[4412]);
+      show("hibernated", t("hibernated"), closeWords(4412));
       setTimeout(waitUntilReady, 1000);
       return;
     }
     attempts += 1;
     const delay = Math.min(30, 2 ** (attempts - 1));
-    show("reconnecting", "Reconnecting…", `${words}${why} Reconnecting in ${delay} s…`, true);
+    show("reconnecting", t("reconnecting"), t("reconnectingMessage", { words, why, delay }), true);
     setTimeout(waitUntilReady, delay * 1000);
   });
 }
@@ -304,7 +295,7 @@ pasteButton.addEventListener("click", async () => {
   } catch (error) {
     // the browser withholds the clipboard: offer the field to paste into instead
     typePanel.hidden = false;
-    typeNote.textContent = "Your browser does not let the page read the clipboard: paste here, then Type it.";
+    typeNote.textContent = t("clipboardWithheld");
     typeText.focus();
   }
 });
@@ -347,5 +338,6 @@ function typeIntoGuest(text) {
   }
 }
 
+translatePage();
 sessionStorage.removeItem("mc-viewer-reloads");
 waitUntilReady();
