@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -182,6 +183,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    # the viewer's page loads ~50 script modules (noVNC's), 600 KB as they are
+    app.add_middleware(GZipMiddleware, minimum_size=1024)
 
     @app.exception_handler(MCError)
     async def mc_error(request: Request, exc: MCError) -> JSONResponse:
