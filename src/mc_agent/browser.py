@@ -16,7 +16,7 @@ BROWSER_USER = "browser"
 PROFILE = "/home/browser/.config/chromium"
 SCHEMES = ("http", "https", "data")
 MAX_URL = 8192
-MAX_CLIPBOARD = 64 * 1024  # characters: a password, a code, an address; not a document
+MAX_CLIPBOARD = 1024  # characters: a password, a code, an address; not a document
 
 
 def check_url(url: str) -> str:

@@ -25,14 +25,20 @@ SERVICES: dict[str, str] = {
 }
 
 
-def _run(argv: list[str], timeout: float = 5.0, env: dict[str, str] | None = None) -> str:
+def _run(
+    argv: list[str],
+    timeout: float = 5.0,
+    env: dict[str, str] | None = None,
+    any_status: bool = False,
+) -> str:
+    """The command's output ("" if it failed, unless ``any_status``: what it printed)."""
     try:
         done = subprocess.run(
             argv, capture_output=True, text=True, timeout=timeout, check=False, env=env
         )
     except (OSError, subprocess.TimeoutExpired):
         return ""
-    return done.stdout if done.returncode == 0 else ""
+    return done.stdout if done.returncode == 0 or any_status else ""
 
 
 def service_states(units: list[str]) -> dict[str, dict[str, str]]:
@@ -67,7 +73,10 @@ def package_versions(packages: tuple[str, ...]) -> dict[str, str]:
     """Installed versions, from one ``dpkg-query``, kept once read (packages do not change
     under a running guest; a failed read is tried again next time)."""
     if not all(package in _versions for package in packages):
-        out = _run(["dpkg-query", "-W", "-f=${Package} ${Version}\\n", *packages])
+        # exits 1 if one package is missing; the others are still listed
+        out = _run(["dpkg-query", "-W", "-f=${Package} ${Version}\\n", *packages], any_status=True)
+        if out:  # it ran: a package it did not list is not installed (not asked again)
+            _versions.update((package, "") for package in packages)
         for line in out.splitlines():
             package, _, version = line.partition(" ")
             if version:

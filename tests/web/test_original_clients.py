@@ -226,6 +226,16 @@ async def test_a_key_acting_for_one_user_cannot_touch_anothers(original: Origina
         refused = await original.call(method, path, "mallory")
         assert refused.status_code == 403, (path, refused.text)
         assert refused.json()["success"] is False and "another user" in refused.json()["error"]
+    # listings filter to the user acted for: asking for another user's is refused
+    refused = await original.call(
+        "GET", "/api/auth/sessions", "mallory", params={"userId": "alice"}
+    )
+    assert refused.status_code == 403
+    assert (await original.call("GET", "/api/auth/sessions", "mallory")).json() == []
+    assert (await original.call("GET", "/api/vms", "mallory")).json()["vms"] == []
+    vm_id = (await original.call("GET", "/api/vms", "alice")).json()["vms"][0]["vmId"]
+    assert (await original.call("GET", f"/api/vms/{vm_id}", "mallory")).status_code == 404
+    assert (await original.call("GET", f"/api/vms/{vm_id}", "alice")).status_code == 200
     start_for_other = await original.call(
         "POST",
         "/api/auth/start",

@@ -17,6 +17,7 @@ The table is replaced only when its rules are of another version.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 
@@ -54,18 +55,27 @@ def available() -> bool:
     return shutil.which("nft") is not None
 
 
-async def ensure_isolation() -> None:
+# one check-and-replace at a time in this process: two boots that both found no table must
+# not both replace it (the second would drop the allowance the first added)
+_installing = asyncio.Lock()
+
+
+async def ensure_isolation() -> bool:
     """Install the guest isolation rules (one nftables transaction) unless this version is
-    there already."""
-    try:
+    there already. True when the table was (re)placed: every allowance in it is gone, and
+    the caller adds back those of its running guests."""
+    async with _installing:
         try:
-            current = await arun(["nft", "list", "table", "inet", TABLE], timeout=10)
-        except CommandError:
-            current = ""
-        if VERSION not in current:
+            try:
+                current = await arun(["nft", "list", "table", "inet", TABLE], timeout=10)
+            except CommandError:
+                current = ""
+            if VERSION in current:
+                return False
             await arun(["nft", "-f", "-"], input_text=RULESET, timeout=10)
-    except CommandError as exc:
-        raise NetworkError(f"installing the guest firewall rules: {exc.reason}") from exc
+            return True
+        except CommandError as exc:
+            raise NetworkError(f"installing the guest firewall rules: {exc.reason}") from exc
 
 
 def _in_set(host_ifname: str, port: int) -> list[str]:

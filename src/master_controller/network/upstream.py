@@ -17,7 +17,7 @@ import ipaddress
 import json
 import ssl
 from dataclasses import dataclass, field, replace
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, ProxyType
 from python_socks.async_.asyncio import Proxy
@@ -131,27 +131,54 @@ async def exit_address(upstream: Upstream, url: str, timeout: float = CHECK_TIME
         raise ConfigError(f"egress_check_url {url!r} must be an http(s) URL")
     tls = ssl.create_default_context() if parts.scheme == "https" else None
     port = parts.port or (443 if tls else 80)
-    async with asyncio.timeout(timeout):
-        try:
-            reader, writer = await upstream.open(parts.hostname, port, timeout, tls)
-        except TimeoutError as exc:
-            raise UpstreamFailed(upstream.name, f"no answer within {timeout:g} s") from exc
-        try:
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            writer.write(
-                f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: */*\r\n"
-                "User-Agent: master-controller egress check\r\nConnection: close\r\n\r\n".encode()
-            )
-            answer = await reader.read(MAX_CHECK_ANSWER)
-            while chunk := await reader.read(MAX_CHECK_ANSWER):
-                answer += chunk
-                if len(answer) > MAX_CHECK_ANSWER:
-                    raise UpstreamFailed(upstream.name, "the check URL answered too much")
-        except (OSError, TimeoutError) as exc:
-            raise UpstreamFailed(upstream.name, f"fetching the check URL: {_say(exc)}") from exc
-        finally:
-            writer.close()
+    try:
+        async with asyncio.timeout(timeout):  # the whole check: connect, TLS, the answer
+            answer = await _fetch(upstream, parts.hostname, port, tls, parts, timeout)
+    except TimeoutError as exc:
+        raise UpstreamFailed(upstream.name, f"the check took over {timeout:g} s") from exc
     return _address_in(upstream, answer)
+
+
+async def _fetch(
+    upstream: Upstream,
+    host: str,
+    port: int,
+    tls: ssl.SSLContext | None,
+    parts: SplitResult,
+    timeout: float,
+) -> bytes:
+    reader, writer = await upstream.open(host, port, timeout, tls)
+    try:
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        writer.write(
+            f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept: */*\r\n"
+            "User-Agent: master-controller egress check\r\nConnection: close\r\n\r\n".encode()
+        )
+        answer = b""
+        while chunk := await reader.read(MAX_CHECK_ANSWER):
+            answer += chunk
+            if len(answer) > MAX_CHECK_ANSWER:
+                raise UpstreamFailed(upstream.name, "the check URL answered too much")
+        return answer
+    except OSError as exc:
+        raise UpstreamFailed(upstream.name, f"fetching the check URL: {_say(exc)}") from exc
+    finally:
+        writer.close()
+
+
+def _dechunk(body: bytes) -> bytes:
+    """A chunked transfer-coded body, decoded (what is malformed ends it)."""
+    out, rest = b"", body
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        try:
+            size = int(size_line.split(b";")[0].strip() or b"0", 16)
+        except ValueError:
+            break
+        if size == 0:
+            break
+        out, rest = out + rest[:size], rest[size + 2 :]
+    return out
 
 
 def _address_in(upstream: Upstream, answer: bytes) -> str:
@@ -159,10 +186,9 @@ def _address_in(upstream: Upstream, answer: bytes) -> str:
     status = head.split(b"\r\n", 1)[0].decode(errors="replace")
     if " 200 " not in f"{status} ":
         raise UpstreamFailed(upstream.name, f"the check URL answered {status[:80]!r}")
+    if b"transfer-encoding: chunked" in head.lower():
+        body = _dechunk(body)
     text = body.decode(errors="replace").strip()
-    if b"chunked" in head.lower():
-        lines = text.splitlines()
-        text = "".join(lines[1:-2] if len(lines) > 2 else lines).strip()
     try:
         data = json.loads(text)
         text = str(data.get("ip", "")) if isinstance(data, dict) else str(data)

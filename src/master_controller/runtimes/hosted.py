@@ -126,7 +126,8 @@ class HostedRuntime(Runtime):
         """The guest's isolated network, removed by ``undo`` if the start fails later. A
         network left by a guest that died is replaced (found by its recorded ids only);
         with ``reuse`` (a resume) an existing one is kept, with its addresses and MACs."""
-        await firewall.ensure_isolation()
+        if await firewall.ensure_isolation():
+            await self._allow_running_guests(guest)
         link = self.link(guest)
         lease = self.addresses.allocate(guest.guest_id)
         exists = await netns.aexists(link)
@@ -138,6 +139,18 @@ class HostedRuntime(Runtime):
         if self.settings.egress_port:
             await firewall.allow_egress(link.host_ifname, self.settings.egress_port)
         return link
+
+    async def _allow_running_guests(self, starting: GuestState) -> None:
+        """After the firewall table was replaced (a first start, or rules of another
+        version): the egress allowances of this runtime's other guests, added back."""
+        if not self.settings.egress_port:
+            return
+        for other in self.guests():
+            ifname = other.resources.get("host_ifname")
+            if other.guest_id == starting.guest_id or not ifname:
+                continue
+            if self.status(other) == GuestStatus.RUNNING:
+                await firewall.allow_egress(ifname, self.settings.egress_port)
 
     async def network_down(self, guest: GuestState) -> None:
         """Remove the guest's network and its allowance to reach the egress proxy."""

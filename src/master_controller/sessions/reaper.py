@@ -80,6 +80,8 @@ class Reaper:
             if self.lifecycle.work.busy(row.id):
                 continue
             ending = self._ending(row, now)
+            if ending is not None:  # read again: a heartbeat may have come while others ended
+                ending = self._ending(await self.lifecycle.ledger.get(row.id), utcnow())
             if ending is not None:
                 state, reason = ending
                 await self.lifecycle.end(row.id, state, reason, only_from={State(row.state)})

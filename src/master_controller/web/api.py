@@ -179,7 +179,13 @@ async def list_sessions(
     user_id: str | None = Query(None, alias="userId", pattern=USER_ID_PATTERN),
     who: Caller = Depends(caller),
     svc: Services = Depends(services),
+    acting_for: str | None = Depends(acting_user),
 ) -> list[SessionView]:
+    """This key's sessions, newest first (one user's with ``userId``; a caller acting for
+    an end user sees only that user's)."""
+    if acting_for is not None:
+        check_acting_user(acting_for, user_id or acting_for)
+        user_id = acting_for
     async with svc.db.session() as db:
         rows = await repo.list_sessions(db, user_id=user_id)
     visible = [r for r in rows if who.owns(r.api_key_id)]
@@ -204,23 +210,31 @@ def vm_view(svc: Services, row: SessionRow) -> VmView:
     )
 
 
-async def _vms(svc: Services, who: Caller) -> list[VmView]:
+async def _vms(svc: Services, who: Caller, acting_for: str | None) -> list[VmView]:
+    """The guests of this key's sessions (of the end user the caller acts for, if it says)."""
     async with svc.db.session() as db:
-        rows = await repo.list_sessions(db, states=sorted(HOLDING))
+        rows = await repo.list_sessions(db, user_id=acting_for, states=sorted(HOLDING))
     return [vm_view(svc, row) for row in rows if who.owns(row.api_key_id)]
 
 
 @router.get("/vms", response_model=VmList)
-async def list_vms(who: Caller = Depends(caller), svc: Services = Depends(services)) -> VmList:
+async def list_vms(
+    who: Caller = Depends(caller),
+    svc: Services = Depends(services),
+    acting_for: str | None = Depends(acting_user),
+) -> VmList:
     """The guests of this key's sessions that are running or kept (hibernated)."""
-    return VmList(vms=await _vms(svc, who))
+    return VmList(vms=await _vms(svc, who, acting_for))
 
 
 @router.get("/vms/{vm_id}", response_model=VmView)
 async def get_vm(
-    vm_id: str, who: Caller = Depends(caller), svc: Services = Depends(services)
+    vm_id: str,
+    who: Caller = Depends(caller),
+    svc: Services = Depends(services),
+    acting_for: str | None = Depends(acting_user),
 ) -> VmView:
-    for vm in await _vms(svc, who):
+    for vm in await _vms(svc, who, acting_for):
         if vm.vm_id == vm_id:
             return vm
     raise SessionNotFound(f"no VM {vm_id[:64]!r}")

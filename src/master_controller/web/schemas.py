@@ -201,7 +201,9 @@ class ViewerStatus(Camel):
 
 
 class PasteRequest(Camel):
-    text: str = Field(min_length=1, max_length=64 * 1024, description="What the person pastes.")
+    # a password, a code, an address: at most 1,024 characters, which stay within the agent's
+    # 16 KiB body bound however they are JSON-escaped
+    text: str = Field(min_length=1, max_length=1024, description="What the person pastes.")
 
 
 class OkResponse(Camel):
