@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import weakref
 
 from master_controller.commands import arun
 from master_controller.errors import CommandError, NetworkError
@@ -56,15 +57,27 @@ def available() -> bool:
 
 
 # one check-and-replace at a time in this process: two boots that both found no table must
-# not both replace it (the second would drop the allowance the first added)
-_installing = asyncio.Lock()
+# not both replace it (the second would drop the allowance the first added). One lock per
+# event loop: a lock waited on in one loop cannot be used from another (tools and tests run
+# several loops, one after the other).
+_installing: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _install_lock() -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    lock = _installing.get(loop)
+    if lock is None:
+        lock = _installing[loop] = asyncio.Lock()
+    return lock
 
 
 async def ensure_isolation() -> bool:
     """Install the guest isolation rules (one nftables transaction) unless this version is
     there already. True when the table was (re)placed: every allowance in it is gone, and
     the caller adds back those of its running guests."""
-    async with _installing:
+    async with _install_lock():
         try:
             try:
                 current = await arun(["nft", "list", "table", "inet", TABLE], timeout=10)
