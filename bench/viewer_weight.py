@@ -12,7 +12,6 @@ Prints the figures and saves them to bench/results/viewer-weight.json.
 from __future__ import annotations
 
 import asyncio
-import json
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,11 +22,7 @@ import httpx
 from playwright.async_api import async_playwright
 
 from bench import save
-from master_controller.auth import create_api_key
-from master_controller.store.database import Database
-from tests.sessions.fake_runtime import FakeAgent, FakeRuntime, FakeViewerPath
-from tests.sessions.harness import IMAGE_ID
-from tests.web.inprocess import app_settings, serving
+from tests.web.inprocess import fake_guest_controller
 from tests.web.test_viewer_browser import CHROMIUM, QUIET
 
 RESULTS = Path(__file__).parent / "results" / "viewer-weight.json"
@@ -35,47 +30,32 @@ RESULTS = Path(__file__).parent / "results" / "viewer-weight.json"
 
 async def main() -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        url = f"sqlite:///{root / 'mc.db'}"
-        settings = app_settings(root, url)
-        settings.images_dir.mkdir(parents=True)
-        history = {"history": [{"id": IMAGE_ID, "at": "2024-01-01T00:00:00+00:00"}]}
-        (settings.images_dir / "promotions.json").write_text(json.dumps(history))
-        db = Database(url)
-        db.migrate()
-        async with db.session() as session:
-            key = await create_api_key(session, "bench", ("sessions",))
-        await db.close()
-        with FakeAgent() as agent:
-            async with (
-                serving(settings, FakeRuntime(settings, agent), viewer_path=FakeViewerPath()) as (
-                    base,
-                    _,
-                ),
-                httpx.AsyncClient(trust_env=False) as http,
-                async_playwright() as p,
-            ):
-                started = await http.post(
-                    base + "/api/auth/start",
-                    json={"userId": "bench", "provider": "codex"},
-                    headers={"Authorization": f"Bearer {key}"},
-                )
-                link = urlsplit(started.json()["novncURL"])
-                browser = await p.chromium.launch(executable_path=CHROMIUM, args=QUIET)
-                page = await browser.new_page()
-                loaded: list[tuple[str, int]] = []
+        async with (
+            fake_guest_controller(Path(tmp), {"bench": ("sessions",)}) as served,
+            httpx.AsyncClient(trust_env=False) as http,
+            async_playwright() as p,
+        ):
+            started = await http.post(
+                served.base + "/api/auth/start",
+                json={"userId": "bench", "provider": "codex"},
+                headers={"Authorization": f"Bearer {served.keys['bench']}"},
+            )
+            link = urlsplit(started.json()["novncURL"])
+            browser = await p.chromium.launch(executable_path=CHROMIUM, args=QUIET)
+            page = await browser.new_page()
+            loaded: list[tuple[str, int]] = []
 
-                async def count(response: Any) -> None:
-                    if response.request.resource_type == "websocket":
-                        return
-                    sizes = await response.request.sizes()
-                    loaded.append((urlsplit(response.url).path, sizes["responseBodySize"]))
+            async def count(response: Any) -> None:
+                if response.request.resource_type == "websocket":
+                    return
+                sizes = await response.request.sizes()
+                loaded.append((urlsplit(response.url).path, sizes["responseBodySize"]))
 
-                page.on("response", count)
-                await page.goto(f"{base}{link.path}?{link.query}")
-                await page.wait_for_function("document.body.dataset.state !== 'loading'")
-                await page.wait_for_timeout(1500)  # the status polls and module loads settle
-                await browser.close()
+            page.on("response", count)
+            await page.goto(f"{served.base}{link.path}?{link.query}")
+            await page.wait_for_function("document.body.dataset.state !== 'loading'")
+            await page.wait_for_timeout(1500)  # the status polls and module loads settle
+            await browser.close()
     scripts = [(path, size) for path, size in loaded if path.endswith(".js")]
     return {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),

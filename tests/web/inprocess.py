@@ -5,23 +5,29 @@ runtime double stands in for the guest runtime."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import uvicorn
 
+from master_controller.auth import create_api_key
 from master_controller.errors import GuestStartFailed, GuestStateError
 from master_controller.runtimes.base import GuestSecrets, GuestState, GuestStatus, ProbeResult
 from master_controller.runtimes.base import Runtime as RuntimeBase
 from master_controller.sessions.bringup import ViewerPathCheck
 from master_controller.settings import Settings
 from master_controller.steps import StepLog
+from master_controller.store.database import Database
 from master_controller.web.app import create_app, log_config
 from tests.servers import free_port
+from tests.sessions.fake_runtime import FakeAgent, FakeRuntime, FakeViewerPath
+from tests.sessions.harness import IMAGE_ID
 
 
 class NoGuestRuntime(RuntimeBase):
@@ -154,3 +160,40 @@ def umask_of_process() -> int:
         if line.startswith("Umask:"):
             return int(line.split()[1], 8)
     raise RuntimeError("no Umask in /proc/self/status")
+
+
+@dataclass
+class FakeGuestController:
+    """The controller's app served here over a fake runtime, agent and viewer path (the
+    session core, database and vault are real): its URL, the app, the fakes, and API keys
+    by name."""
+
+    base: str
+    app: Any
+    agent: FakeAgent
+    runtime: FakeRuntime
+    keys: dict[str, str]
+
+
+@asynccontextmanager
+async def fake_guest_controller(
+    root: Path, keys: dict[str, tuple[str, ...]], **overrides: Any
+) -> AsyncIterator[FakeGuestController]:
+    """Serve the app on a fresh database under ``root``, with the fake image promoted and
+    the API keys ``keys`` (name -> scopes) made."""
+    database_url = f"sqlite:///{root / 'mc.db'}"
+    settings = app_settings(root, database_url, **overrides)
+    settings.images_dir.mkdir(parents=True)
+    history = {"history": [{"id": IMAGE_ID, "at": "2024-01-01T00:00:00+00:00"}]}
+    (settings.images_dir / "promotions.json").write_text(json.dumps(history))
+    db = Database(database_url)
+    db.migrate()
+    made = {}
+    async with db.session() as session:
+        for name, scopes in keys.items():
+            made[name] = await create_api_key(session, name, scopes)
+    await db.close()
+    with FakeAgent() as agent:
+        runtime = FakeRuntime(settings, agent)
+        async with serving(settings, runtime, viewer_path=FakeViewerPath()) as (base, app):
+            yield FakeGuestController(base, app, agent, runtime, made)

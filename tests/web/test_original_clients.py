@@ -20,11 +20,8 @@ from typing import Any
 import httpx
 import pytest
 
-from master_controller.auth import create_api_key
-from master_controller.store.database import Database
-from tests.sessions.fake_runtime import FakeAgent, FakeRuntime, FakeViewerPath, credential_files
-from tests.sessions.harness import IMAGE_ID
-from tests.web.inprocess import app_settings, serving
+from tests.sessions.fake_runtime import FakeAgent, FakeRuntime, credential_files
+from tests.web.inprocess import fake_guest_controller
 
 ORIGINAL_STATUSES = {
     "vm_created",
@@ -46,6 +43,7 @@ class Original:
 
     base: str
     key: str
+    admin_key: str
     agent: FakeAgent
     runtime: FakeRuntime
     http: httpx.AsyncClient
@@ -85,27 +83,16 @@ class Original:
 
 @pytest.fixture
 async def original(tmp_path: Path) -> AsyncIterator[Original]:
-    database_url = f"sqlite:///{tmp_path / 'mc.db'}"
-    settings = app_settings(tmp_path, database_url, max_sessions=4)
-    settings.images_dir.mkdir(parents=True)
-    history = {"history": [{"id": IMAGE_ID, "at": "2024-01-01T00:00:00+00:00"}]}
-    (settings.images_dir / "promotions.json").write_text(json.dumps(history))
-    db = Database(database_url)
-    db.migrate()
-    async with db.session() as session:
-        key = await create_api_key(session, "webapp", ("sessions",))
-        admin = await create_api_key(session, "dashboard", ("sessions", "admin"))
-    await db.close()
-    with FakeAgent() as agent:
-        runtime = FakeRuntime(settings, agent)
-        async with (
-            serving(settings, runtime, viewer_path=FakeViewerPath()) as (base, app),
-            httpx.AsyncClient(trust_env=False, timeout=30) as http,
-        ):
-            app.state.services.sessions.sign_in.watch_interval = 0.02
-            client = Original(base, key, agent, runtime, http)
-            client.admin_key = admin  # type: ignore[attr-defined]
-            yield client
+    keys = {"webapp": ("sessions",), "dashboard": ("sessions", "admin")}
+    async with (
+        fake_guest_controller(tmp_path, keys, max_sessions=4) as served,
+        httpx.AsyncClient(trust_env=False, timeout=30) as http,
+    ):
+        served.app.state.services.sessions.sign_in.watch_interval = 0.02
+        made = served.keys
+        yield Original(
+            served.base, made["webapp"], made["dashboard"], served.agent, served.runtime, http
+        )
 
 
 async def test_the_web_apps_sign_in_from_start_to_stored_credentials(original: Original) -> None:
@@ -300,7 +287,7 @@ async def test_health_and_the_dashboards_system_figures(original: Original) -> N
     figures = (
         await original.http.get(
             original.base + "/api/admin/health/system",
-            headers={"Authorization": f"Bearer {original.admin_key}"},  # type: ignore[attr-defined]
+            headers={"Authorization": f"Bearer {original.admin_key}"},
         )
     ).json()
     assert 0 <= figures["cpu"]["usage_percent"] <= 100
@@ -341,7 +328,7 @@ async def test_a_users_egress_without_upstreams_is_direct(original: Original) ->
     assert shown["direct"] is True and shown["upstream"] is None
     refused = await original.call("POST", f"/api/users/{user}/egress/reassign", user)
     assert refused.status_code == 403  # admin keys only
-    admin = {"Authorization": f"Bearer {original.admin_key}"}  # type: ignore[attr-defined]
+    admin = {"Authorization": f"Bearer {original.admin_key}"}
     nothing = await original.http.post(
         original.base + f"/api/users/{user}/egress/reassign", headers=admin
     )
