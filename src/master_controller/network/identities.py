@@ -102,13 +102,7 @@ class EgressIdentities:
     async def _candidates(self, current: str | None) -> list[str]:
         """The user's current upstream first, then the others, the least used first (the
         operator's order among equals)."""
-        async with self.db.session() as db:
-            counted = await db.execute(
-                select(EgressAssignmentRow.upstream, func.count()).group_by(
-                    EgressAssignmentRow.upstream
-                )
-            )
-            users = Tally({name: n for name, n in counted.all()})
+        users = Tally(await self._users_per_upstream())
         rank = {name: i for i, name in enumerate(self._order)}
         others = sorted((n for n in self._order if n != current), key=lambda n: (users[n], rank[n]))
         return ([current] if current else []) + others
@@ -178,11 +172,14 @@ class EgressIdentities:
 
     async def count_users(self) -> None:
         """Set the per-upstream user gauge from the database (at start)."""
+        for name, n in (await self._users_per_upstream()).items():
+            UPSTREAM_USERS.labels(name).set(n)
+
+    async def _users_per_upstream(self) -> dict[str, int]:
         async with self.db.session() as db:
             counted = await db.execute(
                 select(EgressAssignmentRow.upstream, func.count()).group_by(
                     EgressAssignmentRow.upstream
                 )
             )
-            for name, n in counted.all():
-                UPSTREAM_USERS.labels(name).set(n)
+            return {name: n for name, n in counted.all()}
