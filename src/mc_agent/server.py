@@ -4,6 +4,9 @@ Every route needs the guest's token as a bearer token:
 
 - ``GET /health``: each service with its state and version, the windows on :1, boot id
 - ``POST /open-url`` ``{"url"}``: open a URL in Chromium
+- ``POST /clipboard`` ``{"text"}``: make it the display's clipboard (a viewer's paste)
+- ``POST /display`` ``{"width", "height"}``: fit the screen to a viewer's window (clamped to
+  800x600 .. 1920x1200); answers the size it has after
 - ``POST /login`` ``{"provider", "options"}``: start a provider's login in a terminal on :1
 - ``GET /login``: its state, the captured auth URL, prompts answered, credential status
 - ``GET /credentials/status``: whether valid credentials are there (and why not)
@@ -34,7 +37,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from mc_agent import AGENT_PORT, browser, health, providers
+from mc_agent import AGENT_PORT, browser, display, health, providers
 from mc_agent.events import EventLog
 from mc_agent.login import Account, Login
 from mc_agent.userdir import UnsafePath
@@ -128,6 +131,8 @@ class AgentHandler(BaseHTTPRequestHandler):
                 if not isinstance(text, str):
                     raise ValueError("text must be a string")
                 self._send(HTTPStatus.OK, {"characters": browser.set_clipboard(text)})
+            elif path == "/display":
+                self._send(HTTPStatus.OK, display.set_size(body.get("width"), body.get("height")))
             elif path == "/login":
                 options = body.get("options") or {}
                 if not isinstance(options, dict) or not all(

@@ -44,7 +44,7 @@ from master_controller.runtimes.base import (
 )
 from master_controller.settings import Settings
 from master_controller.steps import StepLog, StepRecord, StepSink
-from mc_agent import providers
+from mc_agent import display, providers
 
 # --- credential files that pass the providers' own validators ---------------------------
 
@@ -91,6 +91,7 @@ class AgentGuest:
     wipe_error: str | None = None
     opened: list[str] = field(default_factory=list)
     clipboard: str | None = None  # what the viewer pasted last
+    screen: tuple[int, int] = (1280, 800)  # the display's size (the real agent's clamping)
     logins: int = 0
 
     def files(self) -> dict[str, str]:
@@ -235,6 +236,13 @@ class _AgentHandler(BaseHTTPRequestHandler):
         elif self.path == "/clipboard":
             guest.clipboard = str(body.get("text"))
             self._send(HTTPStatus.OK, {"characters": len(guest.clipboard)})
+        elif self.path == "/display":
+            try:
+                guest.screen = display.clamp(body.get("width"), body.get("height"))
+            except ValueError as exc:
+                self._send(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+                return
+            self._send(HTTPStatus.OK, dict(zip(("width", "height"), guest.screen, strict=True)))
         elif self.path == "/login" and self.owner.refuse_login is not None:
             self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": self.owner.refuse_login})
         elif self.path == "/login":

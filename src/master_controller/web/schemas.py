@@ -206,6 +206,12 @@ class PasteRequest(Camel):
     text: str = Field(min_length=1, max_length=1024, description="What the person pastes.")
 
 
+class ScreenSize(Camel):
+    # what a window asks for; the guest clamps it to the sizes its display supports
+    width: int = Field(ge=1, le=16384, description="Width in pixels.")
+    height: int = Field(ge=1, le=16384, description="Height in pixels.")
+
+
 class OkResponse(Camel):
     success: bool = True
     status: str
