@@ -209,6 +209,10 @@ class Vault:
         finally:
             os.close(fd)  # releases the lock
 
+    def key_file_content(self) -> bytes:
+        """The keys as a key file holds them (for a backup)."""
+        return _serialize(self.keys, self.current)
+
     # --- rotation (with the exclusive lock held) -------------------------------------------
 
     def add_key(self) -> str:
@@ -306,6 +310,12 @@ def _create_keys(path: Path) -> None:
         pass
     finally:
         tmp.unlink()
+
+
+def write_key_file(path: Path, keys: dict[str, bytes], current: str) -> None:
+    """Atomically and durably make ``path`` hold these keys (a restore; nobody else holds
+    the data dir then)."""
+    _write_keys(path, keys, current)
 
 
 def _write_keys(path: Path, keys: dict[str, bytes], current: str) -> Stamp:
