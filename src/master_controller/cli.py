@@ -300,11 +300,13 @@ def serve(
     """Run the controller. Builds, verifies and promotes the image first if none is current.
 
     The whole process runs with umask 077 and a 0700 data dir (image builds keep their own
-    umask, see ImageBuilder.build), and viewer tickets are redacted from every log line."""
+    umask, see ImageBuilder.build), and viewer tickets are redacted from every log line.
+    Logs are JSON lines unless stderr is a terminal (setting ``log_format``)."""
     import uvicorn
 
     from master_controller.viewing.relay import MAX_VIEWER_MESSAGE
-    from master_controller.web.app import UMASK, create_app, log_config, protect_data_dir
+    from master_controller.web.app import UMASK, create_app, protect_data_dir
+    from master_controller.web.logs import log_config
 
     os.umask(UMASK)
     # every guest's egress tunnels and viewers hold descriptors; the egress proxy's total
@@ -329,7 +331,7 @@ def serve(
         ws_ping_timeout=20.0,
         ws_max_size=MAX_VIEWER_MESSAGE,  # larger viewer frames are closed 1009 by uvicorn
         log_level="info",
-        log_config=log_config(),
+        log_config=log_config(settings.log_format),
     )
 
 

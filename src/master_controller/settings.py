@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     vm_memory_mib: int = Field(2048, ge=512, description="Memory of a VM guest (MiB).")
     host: str = Field("127.0.0.1", description="Address `serve` listens on.")
     port: int = Field(4000, ge=1, le=65535, description="Port `serve` listens on.")
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto",
+        description="`serve`'s log lines: json (one event per line, for a log collector), "
+        "console (plain text), or auto: console on a terminal, json otherwise.",
+    )
     public_url: str | None = Field(
         None,
         description="Base URL people reach the controller at (for novncURL); "

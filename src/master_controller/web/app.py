@@ -6,14 +6,12 @@ from a probe cache (a probe never runs in a request)."""
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import os
 import stat
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -275,23 +273,6 @@ def _narrow(path: Path) -> None:
     mode = stat.S_IMODE(path.lstat().st_mode)
     if mode & 0o077:
         path.chmod(mode & 0o700)
-
-
-def log_config() -> dict[str, Any]:
-    """uvicorn's logging configuration, plus: ticket values redacted in every handler, and
-    the controller's own loggers (``master_controller.*``) at INFO on stderr."""
-    from uvicorn.config import LOGGING_CONFIG
-
-    config = copy.deepcopy(LOGGING_CONFIG)
-    config["filters"] = {"redact_tickets": {"()": TicketRedaction}}
-    for handler in config["handlers"].values():
-        handler["filters"] = ["redact_tickets"]
-    config["loggers"]["master_controller"] = {
-        "handlers": ["default"],
-        "level": "INFO",
-        "propagate": False,
-    }
-    return config
 
 
 def redact_logs() -> None:
