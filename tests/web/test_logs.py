@@ -1,8 +1,8 @@
 """The controller's JSON logs over a whole sign-in (start, viewer link opened, sign-in,
-credentials stored, validated and exported): every line is one JSON object, every session
-event carries the session id, the user and (for steps) the step, and none of the secrets the
-flow handled appears anywhere: API keys, the viewer ticket, the guest's VNC password and
-agent token, the credentials."""
+credentials stored and exported): every line is one JSON object, every session event
+carries the session id, the user and (for steps) the step, and none of the secrets the flow
+handled appears anywhere: API keys, the viewer ticket, the guest's VNC password and agent
+token, the credentials. The same flow shows in /metrics."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
+from master_controller import __version__
 from master_controller.web.logs import json_formatter, log_config
 from tests.sessions.fake_runtime import credential_files
 from tests.web.inprocess import fake_guest_controller
@@ -77,6 +79,7 @@ async def test_a_sign_in_logs_json_lines_with_session_fields_and_no_secret(
             f"{served.base}/api/auth/credentials/{user}/claude_code/export", headers=auth
         )
         assert exported.status_code == 200, exported.text
+        scraped = (await http.get(served.base + "/metrics")).text
 
     (content,) = credential_files("claude_code", guest_id[:8]).values()
     oauth = json.loads(content)["claudeAiOauth"]
@@ -88,6 +91,19 @@ async def test_a_sign_in_logs_json_lines_with_session_fields_and_no_secret(
         "access token": oauth["accessToken"],
         "refresh token": oauth["refreshToken"],
     }
+    # the same flow in the metrics: the states it passed, the scrape-time figures
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(scraped)
+        for s in family.samples
+    }
+    for state in ("provisioning", "booting", "ready", "authenticating", "captured"):
+        assert samples["mc_session_transitions_total", (("state", state),)] >= 1
+    assert samples["mc_data_dir_size_bytes", ()] >= samples["mc_data_dir_free_bytes", ()] > 0
+    assert samples["mc_build_info", (("version", __version__),)] == 1
+    # the fake image is promoted, never built nor verified: not in the store
+    assert samples["mc_current_image_verified", ()] == 0
+    assert samples["mc_images", (("verification", "unverified"),)] == 0
     text = out.getvalue()
     lines = text.splitlines()
     assert len(lines) > 10

@@ -10,7 +10,7 @@ from collections.abc import Collection
 from datetime import timedelta
 
 from master_controller.errors import SessionNotFound
-from master_controller.metrics import STEP_SECONDS
+from master_controller.metrics import SESSION_TRANSITIONS, STEP_SECONDS
 from master_controller.sessions.states import TERMINAL, State, check_transition
 from master_controller.steps import StepRecord
 from master_controller.store import repo
@@ -52,6 +52,7 @@ class SessionLedger:
             await db.flush()
             repo.stage_event(db, row.id, "state", row.state)
             await db.commit()
+        SESSION_TRANSITIONS.labels(str(row.state)).inc()
         log.info(
             "session %s for %s (%s): %s",
             row.id,
@@ -78,6 +79,7 @@ class SessionLedger:
                 row.ended_at = now
             repo.stage_event(db, session_id, "state", new, ok=new != State.FAILED, detail=reason)
             await db.commit()
+        SESSION_TRANSITIONS.labels(str(new)).inc()
         log.info(
             "session %s -> %s %s",
             session_id,

@@ -45,6 +45,7 @@ from master_controller.viewing.relay import ViewerRegistry
 from master_controller.web import api, credentials_api, system_api, users_api, viewer
 from master_controller.web.deps import Services, services
 from master_controller.web.ratelimit import RateLimiter
+from master_controller.web.scrape import sample_host
 
 STATIC = Path(__file__).parent / "static"
 NOVNC = REPO_ROOT / "node_modules" / "@novnc" / "novnc"
@@ -207,6 +208,7 @@ def create_app(
             counts = await repo.count_by_state(db)
         for state in State:
             SESSIONS.labels(state.value).set(counts.get(state.value, 0))
+        await asyncio.to_thread(sample_host, svc.settings)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", include_in_schema=False)
