@@ -6,6 +6,7 @@ the archive is 0600 and holds no secret in the clear."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import shutil
@@ -217,3 +218,55 @@ def test_cli_backup_and_restore_on_a_fresh_host(tmp_path: Path) -> None:
     asyncio.run(_check_restored(Settings(data_dir=data), installed))
     again = cli("restore", str(archive), "--key-file", str(key_file))
     assert again.returncode == 1 and "refuses to replace it" in again.stderr
+
+
+def test_restore_with_the_vault_key_setting_checks_it_first(tmp_path: Path) -> None:
+    """An installation whose vault key is a setting: the archive carries that key; a
+    restore where the setting holds another key is refused before anything is written, one
+    with the same key opens every credential."""
+    key = base64.b64encode(bytes(range(32))).decode()
+    url = f"sqlite:///{tmp_path / 'source.db'}"
+    source = Settings(data_dir=tmp_path / "source" / "data", database_url=url, vault_key=key)
+    installed = asyncio.run(_install_without_rotation(source))
+    archive = tmp_path / "mc.backup"
+    asyncio.run(backup(source, archive, SECRET, None))
+    contents = open_archive(archive, SECRET)
+
+    other_key = base64.b64encode(bytes(32)).decode()
+    wrong = Settings(
+        data_dir=tmp_path / "wrong",
+        database_url=f"sqlite:///{tmp_path / 'w.db'}",
+        vault_key=other_key,
+    )
+    with pytest.raises(BackupError, match="vault_key setting here does not open"):
+        restore(wrong, contents)
+    assert not wrong.data_dir.exists() and not (tmp_path / "w.db").exists()
+
+    right = Settings(
+        data_dir=tmp_path / "right", database_url=f"sqlite:///{tmp_path / 'r.db'}", vault_key=key
+    )
+    done = restore(right, contents)
+    assert done.opened == USERS and not right.vault_key_path.exists()
+    assert asyncio.run(_exported(right)) == installed
+
+
+async def _install_without_rotation(settings: Settings) -> dict[str, dict[str, str]]:
+    db = Database(settings.database)
+    await asyncio.to_thread(db.migrate)
+    store = CredentialStore(db, Vault.open(settings))
+    for i in range(USERS):
+        await store.store(f"user-{i}", _captured(f"user-{i}", "a"), None, "key-a")
+    await db.close()
+    return {f"user-{i}": _captured(f"user-{i}", "a").files for i in range(USERS)}
+
+
+async def _exported(settings: Settings) -> dict[str, dict[str, str]]:
+    db = Database(settings.database)
+    store = CredentialStore(db, Vault.open(settings))
+    try:
+        return {
+            f"user-{i}": (await store.export(f"user-{i}", "oauth2", "key-a"))["files"]
+            for i in range(USERS)
+        }
+    finally:
+        await db.close()

@@ -393,6 +393,14 @@ def restore(settings: Settings, contents: Contents, *, force: bool = False) -> S
     started = time.monotonic()
     vault = archived_vault(contents)
     opened, unreadable = _open_all(vault, contents)
+    if settings.vault_key is not None:
+        # the key here is the setting's: it must open what the archive's keys open
+        here, _ = _open_all(Vault.open(settings), contents)
+        if here != opened:
+            raise BackupError(
+                "the vault_key setting here does not open the backup's credentials: set it to "
+                "the key the backed-up installation used, or unset it to use the backup's keys"
+            )
     existing = existing_installation(settings)
     if existing and not force:
         raise BackupError(
