@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import os
 import shutil
@@ -19,9 +20,16 @@ from pathlib import Path
 import pytest
 
 from master_controller.auth import authenticate, create_api_key, load_secret
-from master_controller.backup import backup, open_archive, restore
+from master_controller.backup import (
+    backup,
+    existing_installation,
+    open_archive,
+    restore,
+    restored_config,
+)
 from master_controller.credentials import Captured, CredentialStore
-from master_controller.errors import BackupError
+from master_controller.errors import BackupError, DataDirInUse
+from master_controller.instance import claim
 from master_controller.settings import Settings
 from master_controller.store.database import Database
 from master_controller.vault import Vault
@@ -270,3 +278,31 @@ async def _exported(settings: Settings) -> dict[str, dict[str, str]]:
         }
     finally:
         await db.close()
+
+
+def test_restore_refuses_a_newer_schema_a_running_controller_and_keeps_a_settings_file(
+    tmp_path: Path,
+) -> None:
+    source = _settings(tmp_path / "source", f"sqlite:///{tmp_path / 'source.db'}")
+    asyncio.run(_install_without_rotation(source))
+    archive = tmp_path / "mc.backup"
+    config = tmp_path / "config.toml"
+    config.write_text("egress_port = 0\nport = 4100\n")
+    asyncio.run(backup(source, archive, SECRET, config))
+    contents = open_archive(archive, SECRET)
+    target = _settings(tmp_path / "target", f"sqlite:///{tmp_path / 'target.db'}")
+
+    with pytest.raises(BackupError, match="newer"):
+        restore(target, dataclasses.replace(contents, revision="9999"))
+    with claim(target), pytest.raises(DataDirInUse):  # a controller runs there
+        restore(target, contents)
+    assert not (tmp_path / "target.db").exists() and not existing_installation(target)
+
+    here = tmp_path / "etc" / "config.toml"
+    here.parent.mkdir()
+    here.write_text("port = 4200\n")
+    assert "kept" in (restored_config(here, contents) or "")
+    assert here.read_text() == "port = 4200\n"
+    aside = here.with_name("config.toml.from-backup")
+    assert aside.read_text() == config.read_text()
+    assert stat.S_IMODE(aside.stat().st_mode) == 0o600
