@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -306,3 +307,31 @@ def test_restore_refuses_a_newer_schema_a_running_controller_and_keeps_a_setting
     aside = here.with_name("config.toml.from-backup")
     assert aside.read_text() == config.read_text()
     assert stat.S_IMODE(aside.stat().st_mode) == 0o600
+
+
+def test_a_backup_while_the_database_is_in_use_takes_what_was_committed(tmp_path: Path) -> None:
+    """SQLite in WAL mode with a writer holding the database: what it committed (still in
+    the write-ahead log) is in the archive, what it has not committed is not."""
+    db_path = tmp_path / "in use.db"  # a space: the path is percent-encoded in a URI
+    source = _settings(tmp_path / "source", f"sqlite:///{db_path}")
+    asyncio.run(_install_without_rotation(source))
+    writer = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        writer.execute("PRAGMA wal_autocheckpoint=0")
+        writer.execute(
+            "INSERT INTO audit (at, action, user_id, provider, detail) "
+            "VALUES ('2026-01-01 00:00:00', 'committed', '', '', '')"
+        )
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute(
+            "INSERT INTO audit (at, action, user_id, provider, detail) "
+            "VALUES ('2026-01-01 00:00:00', 'uncommitted', '', '', '')"
+        )
+        assert Path(f"{db_path}-wal").stat().st_size > 0
+        archive = tmp_path / "mc.backup"
+        asyncio.run(backup(source, archive, SECRET, None))
+    finally:
+        writer.rollback()
+        writer.close()
+    actions = [row["action"] for row in open_archive(archive, SECRET).tables["audit"]]
+    assert "committed" in actions and "uncommitted" not in actions

@@ -224,7 +224,8 @@ def _snapshot(url: str) -> Iterator[Connection]:
     if parsed.drivername.startswith("sqlite"):
         if not parsed.database or not Path(parsed.database).exists():
             raise BackupError(f"there is no database at {parsed.database}")
-        source = sqlite3.connect(f"file:{parsed.database}?mode=ro", uri=True)
+        # read-only, and the path percent-encoded (a "?" or "#" in it is no URI syntax)
+        source = sqlite3.connect(Path(parsed.database).resolve().as_uri() + "?mode=ro", uri=True)
         copy = sqlite3.connect(":memory:", check_same_thread=False)
         try:
             source.backup(copy)  # SQLite's online backup: one consistent state
