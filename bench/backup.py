@@ -6,7 +6,7 @@ vault and one finished session with its events (as a sign-in leaves them). Each 
 a new archive and restores it on a fresh data dir (and a fresh database); the restore
 includes the migrations and opening every credential with the archive's keys.
 
-Prints the figures and saves them to bench/results/backup.json.
+Prints the figures and saves them to bench/results/backup.json (or --results).
 """
 
 from __future__ import annotations
@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--postgresql", action="store_true", help="Also on PostgreSQL.")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="Where to save them.")
     args = parser.parse_args()
     figures: dict[str, Any] = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -125,7 +126,7 @@ def main() -> None:
     }
     if args.postgresql:
         figures["postgresql"] = measure("postgresql", args.users, args.runs)
-    save(figures, RESULTS)
+    save(figures, args.results)
 
 
 if __name__ == "__main__":
