@@ -52,8 +52,9 @@ def _captured(user: str, key: str) -> Captured:
 
 
 async def _install(settings: Settings) -> dict[str, object]:
-    """An installation with API keys, credentials of USERS users under two keys (one
-    rotation in between), an upstream login and the ticket signing key; what it holds."""
+    """An installation with an API key, credentials of USERS users under two API keys (a
+    rotation in between, and one that stopped after writing its key, so records are under
+    two vault keys), an upstream login and the ticket signing key; what it holds."""
     db = Database(settings.database)
     await asyncio.to_thread(db.migrate)
     store = CredentialStore(db, Vault.open(settings))
@@ -63,6 +64,9 @@ async def _install(settings: Settings) -> dict[str, object]:
         await store.store(f"user-{i}", _captured(f"user-{i}", "a"), None, "key-a")
         if i == USERS // 2:
             await store.rotate()  # records under an older key, re-sealed; a new current key
+        if i == 3 * USERS // 4:  # a rotation stopped after writing its key: records under
+            async with store.vault.exclusive():  # two keys from here on
+                store.vault.add_key()
         await store.store(f"user-{i}", _captured(f"user-{i}", "b"), None, "key-b")
     await store.seal_upstream_login("http://127.0.0.1:3128", "proxy-user", "proxy-pass-xyz")
     secret_key = load_secret(settings.secret_key_path)
@@ -91,6 +95,7 @@ async def _check_restored(settings: Settings, installed: dict[str, object]) -> N
     finally:
         await db.close()
     assert settings.secret_key_path.read_bytes() == installed["secret_key"]
+    assert len(json.loads(settings.vault_key_path.read_text())["keys"]) == 2
     for path in (settings.vault_key_path, settings.secret_key_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
