@@ -44,6 +44,7 @@ from master_controller.viewing.readiness import ViewerPath
 from master_controller.viewing.relay import ViewerRegistry
 from master_controller.web import api, credentials_api, system_api, users_api, viewer
 from master_controller.web.deps import Services, services
+from master_controller.web.logs import log_config as log_config  # its old home, re-exported
 from master_controller.web.ratelimit import RateLimiter
 from master_controller.web.scrape import sample_host
 
