@@ -12,6 +12,8 @@ APT_PACKAGES=(
     # tests: a real browser for the viewer tests, a real PostgreSQL for the store tests,
     # real upstream proxies (HTTP CONNECT, SOCKS5) for the egress identity tests
     chromium fonts-dejavu-core postgresql tinyproxy dante-server
+    # promtool checks and unit-tests the alert rules (deploy/prometheus)
+    prometheus
 )
 command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(nodejs npm)
 missing=()
@@ -23,8 +25,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
-    # the tests run their own proxies in namespaces; the packages' services stay off
-    for service in tinyproxy danted; do
+    # the tests run their own proxies in namespaces, and need only promtool from
+    # prometheus; the packages' services stay off
+    for service in tinyproxy danted prometheus; do
         if command -v service >/dev/null 2>&1; then
             service "$service" stop >/dev/null 2>&1 || true
         fi
