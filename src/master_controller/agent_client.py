@@ -32,6 +32,7 @@ CALL_SECONDS = 10.0
 CREDENTIAL_CALL_SECONDS = 30.0
 # the wipe ends the login's processes and restarts Chromium (systemctl, up to 30 s each)
 WIPE_CALL_SECONDS = 60.0
+MAX_CLIPBOARD_CHARS = 1024  # what the viewer copies out of a guest (it is hostile)
 MAX_SCREEN_SIDE = 16384  # pixels: a screen size the guest may answer
 ERROR_TEXT_CHARS = 300
 
@@ -144,6 +145,13 @@ class GuestAgent:
     async def set_clipboard(self, text: str) -> None:
         """Put ``text`` on the guest display's clipboard (the viewer's paste)."""
         await self.call("POST", "/clipboard", {"text": text})
+
+    async def get_clipboard(self) -> str:
+        """The guest display's clipboard text, at most MAX_CLIPBOARD_CHARS."""
+        text = (await self.call("GET", "/clipboard")).get("text")
+        if not isinstance(text, str):
+            raise GuestAgentError("the guest's agent answered /clipboard without text")
+        return text[:MAX_CLIPBOARD_CHARS]
 
     async def set_display(self, width: int, height: int) -> tuple[int, int]:
         """Fit the guest's screen to ``width`` x ``height`` (the guest clamps it); the size

@@ -160,6 +160,11 @@ class Settings(BaseSettings):
         "(the viewer's 'More time' button, or the API's) gives this much again from then, "
         "never past max_lifetime.",
     )
+    viewer_copy_out: bool = Field(
+        False,
+        description="Let the person copy text out of the guest (the viewer's Copy button, "
+        "at most 1,024 characters). Off by default: credentials live in the guest.",
+    )
     ticket_ttl: float = Field(
         300.0,
         description="Seconds a viewer link (novncURL) can be opened after it was issued; it "

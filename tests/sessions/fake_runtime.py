@@ -91,6 +91,7 @@ class AgentGuest:
     wipe_error: str | None = None
     opened: list[str] = field(default_factory=list)
     clipboard: str | None = None  # what the viewer pasted last
+    copied: str = ""  # what was copied in the guest (its clipboard, for a viewer's copy)
     screen: tuple[int, int] = (1280, 800)  # the display's size (the real agent's clamping)
     logins: int = 0
 
@@ -216,6 +217,8 @@ class _AgentHandler(BaseHTTPRequestHandler):
             return
         if self.path == "/health":
             self._send(HTTPStatus.OK, {"services": {}, "boot_id": guest.guest_id})
+        elif self.path == "/clipboard":
+            self._send(HTTPStatus.OK, {"text": guest.copied})
         elif guest.provider is None:
             self._send(HTTPStatus.NOT_FOUND, {"error": "no login has been started"})
         elif self.path == "/login":

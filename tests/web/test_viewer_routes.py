@@ -98,6 +98,34 @@ async def test_the_page_fits_the_guests_screen_to_its_window(original: Original)
     assert original.agent.of(await original.guest_of(other, "someone-else")).screen == (1280, 800)
 
 
+async def test_copy_out_of_the_guest_only_where_the_operator_allows_it(
+    original: Original,
+) -> None:
+    session_id, path, cookies = await _viewer(original, "copier")
+    guest = original.agent.of(await original.guest_of(session_id, "copier"))
+    guest.copied = "the guest's text ü"
+    origin = {"Origin": original.base}
+    url = original.base + path + "/copy"
+    status = await original.http.get(original.base + path + "/status", headers=cookies)
+    assert status.json()["copyOut"] is False
+    # off by default: credentials live in the guest
+    refused = await original.http.post(url, headers={**cookies, **origin})
+    assert refused.status_code == 403 and "viewer_copy_out" in refused.text
+
+    original.settings.viewer_copy_out = True
+    status = await original.http.get(original.base + path + "/status", headers=cookies)
+    assert status.json()["copyOut"] is True
+    copied = await original.http.post(url, headers={**cookies, **origin})
+    assert copied.status_code == 200 and copied.json() == {"text": "the guest's text ü"}
+    # a hostile guest's clipboard is bounded
+    guest.copied = "x" * 100_000
+    copied = await original.http.post(url, headers={**cookies, **origin})
+    assert copied.json()["text"] == "x" * 1024
+    # still the page's own call only: another site, or no cookie, gets nothing
+    for headers in ({**cookies, "Origin": "https://evil.example"}, cookies, origin):
+        assert (await original.http.post(url, headers=headers)).status_code in (401, 403)
+
+
 async def test_more_time_from_the_page(original: Original) -> None:
     _, path, cookies = await _viewer(original, "waiter")
     status = (await original.http.get(original.base + path + "/status", headers=cookies)).json()

@@ -25,6 +25,7 @@ from master_controller.viewing.relay import ViewerConnection, relay
 from master_controller.web.deps import Services, check_session_id, services
 from master_controller.web.paths import VIEWER_COOKIE, viewer_path
 from master_controller.web.schemas import (
+    CopiedText,
     EventView,
     OkResponse,
     PasteRequest,
@@ -126,6 +127,7 @@ async def _status(svc: Services, row: SessionRow) -> ViewerStatus:
         ends_at=row.ends_at,
         seconds_left=None if left is None else max(0.0, left),
         latest_end=row.created_at + timedelta(seconds=svc.settings.max_lifetime),
+        copy_out=svc.settings.viewer_copy_out,
         events=[EventView.of(e) for e in events],
     )
 
@@ -169,6 +171,17 @@ async def viewer_clipboard(
     Nothing goes the other way: the guest's clipboard never leaves it."""
     await svc.sessions.paste(row.id, body.text)
     return OkResponse(status=row.state)
+
+
+@router.post("/copy", response_model=CopiedText, include_in_schema=False)
+async def viewer_copy(
+    row: SessionRow = Depends(page_session), svc: Services = Depends(services)
+) -> CopiedText:
+    """The guest's clipboard text, for the person to paste on their side (the page's Copy
+    button). Only where the operator allows it (setting ``viewer_copy_out``)."""
+    if not svc.settings.viewer_copy_out:
+        raise Forbidden("copying out of the guest is off (setting viewer_copy_out)")
+    return CopiedText(text=await svc.sessions.copy(row.id))
 
 
 @router.post("/display", response_model=ScreenSize, include_in_schema=False)

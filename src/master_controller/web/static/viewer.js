@@ -21,6 +21,7 @@ const typePanel = document.getElementById("type-panel");
 const typeText = document.getElementById("type-text");
 const typeNote = document.getElementById("type-note");
 const fitButton = document.getElementById("fit");
+const copyButton = document.getElementById("copy");
 const keyboardButton = document.getElementById("keyboard");
 const keyboardInput = document.getElementById("keyboard-input");
 // a touch screen (a phone, a tablet): the page offers its on-screen keyboard
@@ -41,6 +42,7 @@ let attempts = 0;
 let rfb = null;
 let deadline = null;  // Date.now() at which the sign-in time runs out, as last told
 let watching = null;
+let copyOut = false;  // the operator lets the person copy out of the guest (viewer_copy_out)
 
 function show(state, label, message, isError = false) {
   body.dataset.state = state;
@@ -82,6 +84,7 @@ async function fetchStatus(method = "GET", path = "/status") {
 function learn(status) {
   taskEl.textContent = status.ready ? t("task", { provider: status.providerTitle }) : "";
   taskEl.title = taskEl.textContent;
+  copyOut = Boolean(status.copyOut);
   deadline = status.secondsLeft == null ? null : Date.now() + status.secondsLeft * 1000;
   showTimeLeft();
 }
@@ -149,6 +152,7 @@ async function waitForTheEnd(fallback) {
 function setTools(on) {
   keyboardButton.hidden = !on || !TOUCH;
   fitButton.hidden = !on;
+  copyButton.hidden = !on || !copyOut;
   pasteButton.hidden = !on;
   typeOpenButton.hidden = !on;
   if (!on) typePanel.hidden = true;
@@ -360,6 +364,20 @@ keyboardInput.addEventListener("input", (event) => {
 keyboardInput.addEventListener("compositionend", (event) => {
   if (event.data && rfb) typeIntoGuest(event.data);
   keyboardInput.value = KEEP;
+});
+
+// --- copy: only where the operator allows it (credentials live in the guest) ---------------
+
+copyButton.addEventListener("click", async () => {
+  try {
+    const response = await fetch(base + "/copy", { method: "POST", credentials: "same-origin" });
+    if (!response.ok) throw new Error(`status ${response.status}`);
+    const { text } = await response.json();
+    await navigator.clipboard.writeText(text);
+    body.dataset.copies = String(Number(body.dataset.copies || "0") + 1);
+  } catch (error) {
+    messageEl.textContent = t("copyFailed", { error: error.message });
+  }
 });
 
 // --- paste: the person's clipboard text reaches the focused field in the guest -------------
