@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from master_controller.errors import DeployError
-from master_controller.ops.deploy import Deployer
+from master_controller.ops.deploy import Deployer, restart_blocker
 from master_controller.ops.releases import Releases
 from master_controller.settings import Settings
 from master_controller.steps import StepLog
@@ -216,3 +216,22 @@ def test_rollback_refuses_a_release_that_cannot_read_the_database(
     with pytest.raises(DeployError, match="cannot read the database"):
         d.rollback()
     assert d.releases.current() == new  # nothing switched
+
+
+def test_a_restart_cgroup2_would_refuse_is_not_attempted(tmp_path: Path) -> None:
+    mount = tmp_path / "cgroup"
+    unit = mount / "system.slice" / "master-controller.service"
+    (unit / "mc-controller").mkdir(parents=True)
+    (unit / "mc-guests" / "g1").mkdir(parents=True)
+    (unit / "cgroup.subtree_control").write_text("")
+    (unit / "mc-controller" / "cgroup.procs").write_text("100\n")
+    (unit / "mc-guests" / "g1" / "cgroup.procs").write_text("")
+    cgroup = "/system.slice/master-controller.service"
+    assert restart_blocker(mount, cgroup, 100) is None  # not cgroup2
+    (mount / "cgroup.controllers").write_text("memory pids cpu\n")
+    assert restart_blocker(mount, cgroup, 100) is None  # no controllers given to children
+    (unit / "cgroup.subtree_control").write_text("memory pids cpu\n")
+    assert restart_blocker(mount, cgroup, 100) is None  # no guest lives: systemd trims it
+    (unit / "mc-guests" / "g1" / "cgroup.procs").write_text("200\n201\n")
+    why = restart_blocker(mount, cgroup, 100)
+    assert why is not None and "2 processes" in why and "memory, pids, cpu" in why

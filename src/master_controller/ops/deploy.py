@@ -22,6 +22,7 @@ restarts the previous release; nothing before 6 touches what runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -102,11 +103,44 @@ def _extract(tar: tarfile.TarFile, target: Path) -> None:
         tar.extractall(target)  # noqa: S202 (every member was checked above)
 
 
+def restart_blocker(mount: Path, cgroup: str, main_pid: int) -> str | None:
+    """Why systemd could not start the unit in ``cgroup`` again now, or None.
+
+    cgroup2 lets no process into a cgroup that gives controllers to its children. Once
+    container guests run, the unit's cgroup gives them memory, pids and cpu; while any of
+    them lives, a restarted service's new main process cannot be put there (systemd before
+    254 has no ``DelegateSubgroup=``), and the start fails with 219/CGROUP. (Hybrid and v1
+    hosts have no such rule.)"""
+    if not cgroup or not (mount / "cgroup.controllers").is_file():
+        return None  # not a cgroup2 host
+    unit = mount / cgroup.lstrip("/")
+    control = unit / "cgroup.subtree_control"
+    if not control.is_file() or not control.read_text().split():
+        return None
+    others: set[int] = set()
+    for folder, _, _ in os.walk(unit):
+        with contextlib.suppress(OSError):
+            others.update(int(p) for p in (Path(folder) / "cgroup.procs").read_text().split())
+    others.discard(main_pid)
+    if not others:
+        return None
+    return (
+        f"{len(others)} processes of guests live in the service's cgroup {cgroup}, which gives "
+        f"them the {', '.join(control.read_text().split())} controllers: cgroup2 would refuse "
+        "the restarted controller a place there and the service would not start again; "
+        "deploy when no container guest runs (see README, 'Running in production')"
+    )
+
+
 class SystemdService:
     """The unit, through systemctl."""
 
     def __init__(self, name: str = SERVICE) -> None:
         self.name = f"{name}.service"
+
+    def restart_blocker(self) -> str | None:
+        argv = ["systemctl", "show", "--property=ControlGroup", "--value", self.name]
+        return restart_blocker(Path("/sys/fs/cgroup"), run(argv).strip(), self.main_pid())
 
     def restart(self) -> None:
         run(["systemctl", "restart", self.name], timeout=120)
@@ -320,6 +354,8 @@ class Deployer:
             record.detail = f"{state['current']} -> {state['heads']}"
         with self.steps.step("image contract") as record:
             record.detail = str(self.check_contract(commit))
+        if blocker := self.service.restart_blocker():
+            raise DeployError(f"release {commit[:12]} is ready but not switched to: {blocker}")
         try:
             with self.steps.step("switch"):
                 self.releases.switch(commit)
@@ -365,6 +401,8 @@ class Deployer:
                 f"is {snapshot if snapshot.exists() else 'gone'}: restoring it loses what "
                 "was written since, so that is for an operator to do"
             )
+        if blocker := self.service.restart_blocker():
+            raise DeployError(blocker)
         with self.steps.step("switch"):
             self.releases.switch(target)
             self.service.restart()

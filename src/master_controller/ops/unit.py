@@ -9,6 +9,14 @@ Why the unit looks as it does (each line was tried under a real systemd, see
   (nspawn, QEMU) are its children in the unit's cgroup; any other kill mode ends every guest
   with every restart, and a deploy would drop every session. The controller reattaches to
   them when it starts again.
+  Not on a cgroup2 host while container guests run, though: the unit's cgroup then gives
+  memory/pids/cpu to their cgroups, cgroup2 lets no process into such a cgroup, and systemd
+  before 254 (Debian 12 has 252) puts a restarted service's main process exactly there, so
+  the start fails (219/CGROUP; systemd issues 24064, 41278). ``deploy`` refuses to restart
+  then (:func:`~master_controller.ops.deploy.restart_blocker`). The way out is each
+  container guest in a scope of its own (``systemd-run --scope -p Delegate=yes``), which a
+  restart of the service leaves alone; that is the container runtime's to do. QEMU guests
+  have no cgroups of their own and are not affected.
 - ``OOMPolicy=continue``: a guest that hits its memory limit is an OOM kill inside the unit's
   cgroup; the default policy would stop the whole service for it.
 - ``TasksMax=infinity``: guests' tasks count against the unit; each guest has its own
