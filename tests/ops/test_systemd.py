@@ -7,7 +7,7 @@ Guests themselves cannot run inside this container (their cgroup controllers are
 delegated into it on a host like this one), so the gate here is `--gate liveness` and a
 guest is stood in for by a process in the cgroup the runtime would give one:
 ``<unit cgroup>/mc-guests/<id>``. The session gate is tested against real guests in
-``test_health_gate.py``.
+``test_health_gate.py``. It also shows why the unit does without mount-namespace hardening.
 """
 
 from __future__ import annotations
@@ -161,5 +161,16 @@ def test_install_deploy_restart_and_automatic_rollback(
             (good, "rollback"),
         ]
         box.run(f"kill {guest}")
+
+        # why the unit has no ProtectSystem=/PrivateTmp=/ReadWritePaths=: a mount a service
+        # makes under them (as the controller mounts guests' disks) never reaches the host
+        box.run("mkdir -p /run/mounts-test/m")
+        box.run(
+            "systemd-run --quiet --wait -p ProtectSystem=strict -p PrivateTmp=yes "
+            "-p ReadWritePaths=/run/mounts-test mount -t tmpfs mc-test /run/mounts-test/m"
+        )
+        assert box.status("findmnt /run/mounts-test/m")[0] == 1, "the mount reached the host"
+        box.run("systemd-run --quiet --wait mount -t tmpfs mc-test /run/mounts-test/m")
+        assert box.status("findmnt /run/mounts-test/m")[0] == 0  # without them, it does
     print(json.dumps(figures, indent=2))
     shutil.rmtree(tmp_path / "source", ignore_errors=True)
