@@ -9,6 +9,8 @@ APT_PACKAGES=(
     mmdebstrap debootstrap systemd-container e2fsprogs iproute2 nftables util-linux
     qemu-system-x86 qemu-utils
     dpkg coreutils ca-certificates python3 python3-venv
+    # `deploy` fetches releases with git
+    git
     # tests: a real browser for the viewer tests, a real PostgreSQL for the store tests,
     # real upstream proxies (HTTP CONNECT, SOCKS5) for the egress identity tests
     chromium fonts-dejavu-core postgresql tinyproxy dante-server

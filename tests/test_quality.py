@@ -55,6 +55,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("talking to guests", frozenset({"agent_client", "viewing"})),
     ("sessions", frozenset({"sessions", "verification"})),
     ("web", frozenset({"web"})),
+    ("operations", frozenset({"ops"})),
     ("command line", frozenset({"cli"})),
 )
 

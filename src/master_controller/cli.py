@@ -25,6 +25,7 @@ from master_controller.images.builder import ImageBuilder, prune_layers
 from master_controller.images.recipe import Recipe
 from master_controller.images.store import ImageStore
 from master_controller.instance import ensure_free, running
+from master_controller.ops.commands import deploy_app, install
 from master_controller.runtimes import RUNTIMES, best_runtime, get_runtime, hostlimits, probe_all
 from master_controller.runtimes.base import Runtime
 from master_controller.runtimes.kvm import kvm_probe
@@ -46,6 +47,8 @@ session_app = typer.Typer(help="Sign-in sessions.", no_args_is_help=True)
 app.add_typer(session_app, name="session")
 vault_app = typer.Typer(help="The credential vault's keys.", no_args_is_help=True)
 app.add_typer(vault_app, name="vault")
+app.command("install")(install)
+app.add_typer(deploy_app, name="deploy")
 
 console = Console()
 err_console = Console(stderr=True)

@@ -10,6 +10,7 @@ catch these. A refusal a person sees carries a ``reason`` and an HTTP ``status``
      ├── ConfigError                 bad settings or recipe (400)
      │    └── DataDirInUse           another controller runs on this data dir; names it (409)
      ├── CommandError                an external command failed (argv, exit code, tail of output)
+     ├── DeployError                 a deploy step failed or was refused; names the step and why
      ├── ImageError
      │    ├── BuildError             a build step failed; nothing was added to the store
      │    ├── ImageNotFound
@@ -89,6 +90,10 @@ class CommandError(MCError):
         self.argv = list(argv)
         self.returncode = returncode
         self.output = output
+
+
+class DeployError(MCError):
+    """A deploy, install or rollback step failed or was refused (the reason names it)."""
 
 
 class ImageError(MCError):

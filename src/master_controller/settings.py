@@ -47,6 +47,11 @@ class Settings(BaseSettings):
         Path("/var/lib/master-controller"),
         description="Where images, guests, leases and the database live.",
     )
+    deploy_dir: Path = Field(
+        Path("/opt/master-controller"),
+        description="Where `deploy` keeps releases/<commit> and the `current` link the "
+        "service runs.",
+    )
     recipe: Path = Field(
         REPO_ROOT / "images" / "browser" / "recipe.toml",
         description="Default image recipe for `image build`.",

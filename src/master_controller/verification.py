@@ -99,6 +99,15 @@ class Verifier:
         self.store.record_verification(info.id, result)
         return result
 
+    def contract_failures(self, ref: str) -> list[str]:
+        """The static checks of this code's contract against image ``ref``, without booting
+        it and without writing its ``verify.json`` (a deploy asks whether the image it runs
+        on meets the contract of the release it is about to start)."""
+        info = self.store.get(ref)
+        self.steps.records.clear()
+        self._static(info)
+        return [f"{r.name}: {r.detail}" for r in self.steps.records if not r.ok]
+
     def _check(self, name: str, fn: Callable[[StepRecord], None]) -> bool:
         try:
             with self.steps.step(name) as record:
