@@ -12,6 +12,9 @@ APT_PACKAGES=(
     # tests: a real browser for the viewer tests, a real PostgreSQL for the store tests,
     # real upstream proxies (HTTP CONNECT, SOCKS5) for the egress identity tests
     chromium fonts-dejavu-core postgresql tinyproxy dante-server
+    # the reverse proxy examples (docs/reverse-proxy/): nginx runs them in front of a
+    # controller, caddy validates its own
+    nginx caddy
 )
 command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(nodejs npm)
 missing=()
@@ -23,9 +26,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
-    # the tests run their own proxies in namespaces; the packages' services stay off
-    for service in tinyproxy danted; do
-        if command -v service >/dev/null 2>&1; then
+    # the tests run their own proxies (in namespaces, or on loopback ports of their own);
+    # the packages' services stay off, and stay off at boot on a host run by systemd
+    for service in tinyproxy danted nginx caddy; do
+        if [ -d /run/systemd/system ]; then
+            systemctl disable --now "$service" >/dev/null 2>&1 || true
+        elif command -v service >/dev/null 2>&1; then
             service "$service" stop >/dev/null 2>&1 || true
         fi
         pkill -x "$service" 2>/dev/null || true

@@ -158,6 +158,13 @@ class Settings(BaseSettings):
         description="Extra Origins allowed to open viewer WebSockets (the controller's own "
         "origin always is).",
     )
+    forwarded_allow_ips: list[str] = Field(
+        default_factory=list,
+        description="Addresses or networks of the reverse proxies in front of the controller "
+        '(e.g. ["127.0.0.1"]): only from these are X-Forwarded-For and X-Forwarded-Proto '
+        "believed (the client address in logs, the request's scheme). Empty: no forwarded "
+        "header is believed, from anyone.",
+    )
     secret_key_file: Path | None = Field(
         None, description="Key signing viewer tickets; default <data_dir>/secret.key (0600)."
     )

@@ -56,6 +56,16 @@ PROBE_INTERVAL = 60.0  # seconds between background runtime probes
 REDACTED_LOGGERS = ("uvicorn", "uvicorn.access", "uvicorn.error", "master_controller")
 
 
+def forwarded_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options for X-Forwarded-For and -Proto: believed from the reverse proxies
+    in ``forwarded_allow_ips`` alone. (uvicorn's own default believes any process on
+    loopback; without a proxy in front, nothing is believed.)"""
+    return {
+        "proxy_headers": bool(settings.forwarded_allow_ips),
+        "forwarded_allow_ips": list(settings.forwarded_allow_ips),
+    }
+
+
 class BodyLimit:
     """Refuse request bodies over ``limit`` bytes (413) before the app reads them."""
 
