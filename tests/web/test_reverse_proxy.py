@@ -6,7 +6,6 @@ another Origin, and passes on no forwarded header a client made up."""
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import socket
 import ssl
@@ -29,11 +28,13 @@ from master_controller.web.paths import VIEWER_COOKIE, viewer_path
 from tests.conftest import require_tools
 from tests.servers import Controller, controller, free_port
 from tests.web.inprocess import NoGuestRuntime, app_settings, serving
-from tests.web.nginx import (
+from tests.web.reverse_proxies import (
     EXAMPLES,
     SERVER_NAME,
-    Nginx,
+    Proxy,
     Tls,
+    caddy,
+    caddy_env,
     check_config,
     make_tls,
     nginx,
@@ -82,16 +83,13 @@ def test_a_broken_nginx_example_is_refused(tmp_path: Path) -> None:
 
 
 def _caddy(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    home = tmp_path / "caddy-home"
-    home.mkdir(exist_ok=True)
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(home),
-        "XDG_DATA_HOME": str(home / "data"),
-        "XDG_CONFIG_HOME": str(home / "config"),
-    }
     return subprocess.run(
-        ["caddy", *args], capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path
+        ["caddy", *args],
+        capture_output=True,
+        text=True,
+        env=caddy_env(tmp_path / "caddy-home"),
+        timeout=60,
+        cwd=tmp_path,
     )
 
 
@@ -121,9 +119,13 @@ def test_the_caddy_example_is_valid(tmp_path: Path) -> None:
 @dataclass
 class Proxied:
     ctl: Controller
-    proxy: Nginx
+    nginx: Proxy
+    caddy: Proxy
     tls: Tls
     session_id: str
+
+    def front(self, name: str) -> Proxy:
+        return {"nginx": self.nginx, "caddy": self.caddy}[name]
 
     def client(self, source: str = "127.0.0.1") -> httpx.Client:
         """An HTTPS client of the proxy, from ``source``, that trusts only the test CA."""
@@ -131,21 +133,26 @@ class Proxied:
         return httpx.Client(transport=transport, trust_env=False, timeout=15)
 
     def get(
-        self, path: str, source: str = "127.0.0.1", headers: dict[str, str] | None = None
+        self,
+        path: str,
+        source: str = "127.0.0.1",
+        headers: dict[str, str] | None = None,
+        via: str = "nginx",
     ) -> httpx.Response:
-        """GET through the proxy under its name (SNI and Host), from ``source``."""
+        """GET through a proxy under its name (SNI and Host), from ``source``."""
+        port = self.front(via).https_port
         with self.client(source) as client:
             return client.get(
-                f"https://127.0.0.1:{self.proxy.https_port}{path}",
-                headers={"Host": f"{SERVER_NAME}:{self.proxy.https_port}", **(headers or {})},
+                f"https://127.0.0.1:{port}{path}",
+                headers={"Host": f"{SERVER_NAME}:{port}", **(headers or {})},
                 extensions={"sni_hostname": SERVER_NAME},
             )
 
     def viewer_cookie(self) -> str:
         """A fresh ticket traded for the viewer cookie through the proxy."""
         novnc = self.ctl.request("GET", f"/api/auth/session/{self.session_id}").json()["novncURL"]
-        assert novnc.startswith(self.proxy.origin + "/")
-        answer = self.get(novnc.removeprefix(self.proxy.origin))
+        assert novnc.startswith(self.nginx.origin + "/")
+        answer = self.get(novnc.removeprefix(self.nginx.origin))
         assert answer.status_code == 303, answer.text
         assert "secure" in answer.headers["set-cookie"].lower()
         return str(answer.cookies[VIEWER_COOKIE])
@@ -155,7 +162,7 @@ class Proxied:
 def proxied(
     golden_image: str, integration_settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Proxied]:
-    require_tools("nginx")
+    require_tools("nginx", "caddy")
     work = tmp_path_factory.mktemp("proxied")
     tls = make_tls(work / "tls")
     https_port, http_port = free_port(), free_port()
@@ -168,9 +175,10 @@ def proxied(
             public_url=f"https://{SERVER_NAME}:{https_port}",
             forwarded_allow_ips='["127.0.0.1"]',
         ) as ctl,
-        nginx(work / "nginx", ctl.url, tls, https_port, http_port) as proxy,
+        nginx(work / "nginx", ctl.url, tls, https_port, http_port) as in_front,
+        caddy(work / "caddy", ctl.url, tls, free_port(), free_port()) as beside,
     ):
-        yield Proxied(ctl, proxy, tls, ctl.ready_session("proxied"))
+        yield Proxied(ctl, in_front, beside, tls, ctl.ready_session("proxied"))
 
 
 @pytest.fixture
@@ -205,7 +213,7 @@ def test_the_viewer_through_nginx_shows_the_guest(
         ]
         response = page.goto(novnc)
         assert response is not None and response.status == 200
-        assert page.url == proxied.proxy.origin + viewer_path(proxied.session_id)
+        assert page.url == proxied.nginx.origin + viewer_path(proxied.session_id)
         assert response.headers["strict-transport-security"] == "max-age=63072000"
         wait_for_state(page, proxied.ctl, "connected", 60)
         page.wait_for_function(f"({CANVAS_COLOURS})() > 50", timeout=30_000)
@@ -219,14 +227,14 @@ def test_the_viewer_through_nginx_shows_the_guest(
 
 
 def _first_message(
-    proxied: Proxied, cookie: str, origin: str
+    proxied: Proxied, front: Proxy, cookie: str, origin: str
 ) -> tuple[bytes | str | None, int | None]:
-    """Through the proxy: the viewer socket's first message, or its close code. (The sync
-    client: Playwright's loop already runs in this thread.)"""
-    url = f"wss://{SERVER_NAME}:{proxied.proxy.https_port}{viewer_path(proxied.session_id)}/websock"
+    """Through ``front``: the viewer socket's first message, or its close code. (The sync
+    client: Playwright's loop may still run in this thread.)"""
+    url = f"wss://{SERVER_NAME}:{front.https_port}{viewer_path(proxied.session_id)}/websock"
     with connect(
         url,
-        sock=socket_to(proxied.proxy.https_port),
+        sock=socket_to(front.https_port),
         ssl=proxied.tls.client_context(),
         origin=Origin(origin),
         additional_headers={"Cookie": f"{VIEWER_COOKIE}={cookie}"},
@@ -241,19 +249,28 @@ def _first_message(
 
 
 @pytest.mark.integration
-def test_a_websocket_from_another_origin_is_refused_through_nginx(proxied: Proxied) -> None:
+@pytest.mark.parametrize("via", ["nginx", "caddy"])
+def test_a_websocket_from_another_origin_is_refused_through_the_proxy(
+    proxied: Proxied, via: str
+) -> None:
+    """public_url names nginx: through nginx the Origin matches it; through Caddy (which
+    passes the Host with its port) the Origin matches the Host, over https because Caddy,
+    a trusted proxy, says so."""
+    front = proxied.front(via)
     cookie = proxied.viewer_cookie()
     # the public origin gets the guest's screen (the RFB greeting the proxy offers)
-    greeting, code = _first_message(proxied, cookie, proxied.proxy.origin)
+    greeting, code = _first_message(proxied, front, cookie, front.origin)
     assert isinstance(greeting, bytes) and greeting.startswith(b"RFB 003.008"), (greeting, code)
     for origin in (
         "https://evil.example",
-        f"http://{SERVER_NAME}:{proxied.proxy.https_port}",  # the same name without TLS
-        f"https://{SERVER_NAME}.evil.example:{proxied.proxy.https_port}",
+        f"http://{SERVER_NAME}:{front.https_port}",  # the same name without TLS
+        f"https://{SERVER_NAME}.evil.example:{front.https_port}",
         "null",
     ):
-        greeting, code = _first_message(proxied, cookie, origin)
+        greeting, code = _first_message(proxied, front, cookie, origin)
         assert (greeting, code) == (None, CloseCode.ORIGIN_REFUSED), origin
+    hsts = proxied.get("/health", via=via).headers.get("strict-transport-security")
+    assert hsts == "max-age=63072000"
 
 
 @pytest.mark.integration
@@ -262,11 +279,11 @@ def test_nginx_answers_only_for_its_name_and_over_tls(proxied: Proxied) -> None:
     context = proxied.tls.client_context()
     for name in ("other.test", None):
         context.check_hostname = name is not None
-        with socket_to(proxied.proxy.https_port) as raw, pytest.raises(ssl.SSLError):
+        with socket_to(proxied.nginx.https_port) as raw, pytest.raises(ssl.SSLError):
             context.wrap_socket(raw, server_hostname=name)
     # plain HTTP is only a redirect to HTTPS
     answer = httpx.get(
-        f"http://127.0.0.1:{proxied.proxy.http_port}/api/auth/sessions?x=1",
+        f"http://127.0.0.1:{proxied.nginx.http_port}/api/auth/sessions?x=1",
         headers={"Host": SERVER_NAME},
         trust_env=False,
     )
@@ -279,11 +296,12 @@ def socket_to(port: int) -> socket.socket:
 
 
 @pytest.mark.integration
-def test_forwarded_headers_are_believed_from_the_proxy_alone(proxied: Proxied) -> None:
-    # through nginx, from 127.0.0.2: nginx replaces the client's X-Forwarded-For with the
-    # address it saw, and the controller believes nginx (forwarded_allow_ips)
+@pytest.mark.parametrize("via", ["nginx", "caddy"])
+def test_forwarded_headers_are_believed_from_the_proxy_alone(proxied: Proxied, via: str) -> None:
+    # through the proxy, from 127.0.0.2: it replaces the client's X-Forwarded-For with the
+    # address it saw, and the controller believes it (forwarded_allow_ips)
     marker = uuid.uuid4().hex
-    answer = proxied.get(f"/health?probe={marker}", source="127.0.0.2", headers=SPOOFING)
+    answer = proxied.get(f"/health?probe={marker}", "127.0.0.2", SPOOFING, via)
     assert answer.status_code == 200
     line = _logged_client(proxied.ctl.log.read_text() if proxied.ctl.log else "", marker)
     assert "127.0.0.2:" in line and SPOOFED not in line, line

@@ -1,6 +1,6 @@
-"""Debian's nginx running docs/reverse-proxy/nginx.conf, the example operators copy: ports,
-name and certificate swapped for a test's own, on loopback, in a folder of its own, in the
-foreground; and a certificate authority (trustme) whose certificate it serves."""
+"""Debian's nginx and Caddy running the examples in docs/reverse-proxy/, as operators copy
+them: ports, name and certificate swapped for a test's own, on loopback, in a folder of its
+own, in the foreground; and a certificate authority (trustme) whose certificate they serve."""
 
 from __future__ import annotations
 
@@ -90,7 +90,9 @@ http {{
 
 
 @dataclass
-class Nginx:
+class Proxy:
+    """A reverse proxy serving SERVER_NAME over TLS on ``https_port``."""
+
     https_port: int
     http_port: int
     work: Path
@@ -121,30 +123,30 @@ def check_config(conf: Path) -> subprocess.CompletedProcess[str]:
 
 
 @contextmanager
-def nginx(work: Path, upstream: str, tls: Tls, https_port: int, http_port: int) -> Iterator[Nginx]:
-    """nginx in the foreground in front of ``upstream``; stopped (and waited for) after."""
-    conf = write_config(work, https_port, http_port, upstream, tls)
-    errors = work / "error.log"
-    process = subprocess.Popen(
-        ["nginx", "-e", str(errors), "-p", str(work), "-c", str(conf)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
+def _running(
+    argv: list[str], log: Path, port: int, env: dict[str, str] | None = None
+) -> Iterator[None]:
+    """``argv`` in the foreground until it accepts on ``port``; SIGTERM after (then SIGKILL,
+    its children too)."""
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env
+        )
     try:
         deadline = time.monotonic() + 15
         while True:
             try:
-                socket.create_connection(("127.0.0.1", https_port), timeout=1).close()
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    log = errors.read_text() if errors.exists() else ""
-                    raise RuntimeError(f"nginx did not start:\n{log[-3000:]}") from None
+                    raise RuntimeError(
+                        f"{argv[0]} did not start:\n{log.read_text()[-3000:]}"
+                    ) from None
                 time.sleep(0.05)
-        yield Nginx(https_port, http_port, work)
+        yield
     finally:
-        # SIGTERM: the master stops its workers and waits for them
+        # nginx's master stops its workers and waits for them; Caddy shuts down
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(15)
@@ -156,3 +158,50 @@ def nginx(work: Path, upstream: str, tls: Tls, https_port: int, http_port: int) 
             for pid in workers:
                 with suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+
+
+@contextmanager
+def nginx(work: Path, upstream: str, tls: Tls, https_port: int, http_port: int) -> Iterator[Proxy]:
+    """nginx running the example in front of ``upstream``."""
+    conf = write_config(work, https_port, http_port, upstream, tls)
+    errors = work / "error.log"
+    argv = ["nginx", "-e", str(errors), "-p", str(work), "-c", str(conf)]
+    with _running(argv, work / "nginx.out", https_port):
+        yield Proxy(https_port, http_port, work)
+
+
+def caddy_env(home: Path) -> dict[str, str]:
+    """Caddy's environment: its data and config (certificates, autosave) under ``home``."""
+    home.mkdir(parents=True, exist_ok=True)
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "XDG_DATA_HOME": str(home / "data"),
+        "XDG_CONFIG_HOME": str(home / "config"),
+    }
+
+
+def caddy_site(https_port: int, http_port: int, upstream: str, tls: Tls) -> str:
+    """The example Caddyfile with this test's port, name, certificate (instead of one from
+    an ACME CA) and controller; no admin endpoint."""
+    text = (EXAMPLES / "Caddyfile").read_text()
+    swaps = [
+        ("viewer.example.com {", f"{SERVER_NAME}:{https_port} {{\n\ttls {tls.cert} {tls.key}"),
+        ("reverse_proxy 127.0.0.1:4000 {", f"reverse_proxy {upstream.removeprefix('http://')} {{"),
+    ]
+    for old, new in swaps:
+        assert old in text, f"docs/reverse-proxy/Caddyfile no longer has {old!r}"
+        text = text.replace(old, new)
+    options = f"{{\n\tadmin off\n\thttp_port {http_port}\n\thttps_port {https_port}\n}}\n\n"
+    return options + text
+
+
+@contextmanager
+def caddy(work: Path, upstream: str, tls: Tls, https_port: int, http_port: int) -> Iterator[Proxy]:
+    """Caddy running the example in front of ``upstream``."""
+    work.mkdir(parents=True, exist_ok=True)
+    conf = work / "Caddyfile"
+    conf.write_text(caddy_site(https_port, http_port, upstream, tls))
+    argv = ["caddy", "run", "--adapter", "caddyfile", "--config", str(conf)]
+    with _running(argv, work / "caddy.out", https_port, env=caddy_env(work / "home")):
+        yield Proxy(https_port, http_port, work)
