@@ -15,9 +15,12 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import trustme
 
 from master_controller.settings import REPO_ROOT
+from master_controller.web.paths import VIEWER_COOKIE
+from tests.servers import Controller, controller, free_port
 
 EXAMPLES = REPO_ROOT / "docs" / "reverse-proxy"
 SERVER_NAME = "viewer.test"  # browsers reach it through --host-resolver-rules, not DNS
@@ -205,3 +208,68 @@ def caddy(work: Path, upstream: str, tls: Tls, https_port: int, http_port: int) 
     argv = ["caddy", "run", "--adapter", "caddyfile", "--config", str(conf)]
     with _running(argv, work / "caddy.out", https_port, env=caddy_env(work / "home")):
         yield Proxy(https_port, http_port, work)
+
+
+@dataclass
+class Proxied:
+    """A controller (public_url: nginx's origin; forwarded_allow_ips: loopback) with nginx
+    in front and Caddy beside it, both serving the test CA's certificate for SERVER_NAME."""
+
+    ctl: Controller
+    nginx: Proxy
+    caddy: Proxy
+    tls: Tls
+    session_id: str = ""  # the session the test or bench started
+
+    def front(self, name: str) -> Proxy:
+        return {"nginx": self.nginx, "caddy": self.caddy}[name]
+
+    def client(self, source: str = "127.0.0.1") -> httpx.Client:
+        """An HTTPS client of the proxy, from ``source``, that trusts only the test CA."""
+        transport = httpx.HTTPTransport(verify=self.tls.client_context(), local_address=source)
+        return httpx.Client(transport=transport, trust_env=False, timeout=15)
+
+    def get(
+        self,
+        path: str,
+        source: str = "127.0.0.1",
+        headers: dict[str, str] | None = None,
+        via: str = "nginx",
+    ) -> httpx.Response:
+        """GET through a proxy under its name (SNI and Host), from ``source``."""
+        port = self.front(via).https_port
+        with self.client(source) as client:
+            return client.get(
+                f"https://127.0.0.1:{port}{path}",
+                headers={"Host": f"{SERVER_NAME}:{port}", **(headers or {})},
+                extensions={"sni_hostname": SERVER_NAME},
+            )
+
+    def viewer_cookie(self) -> str:
+        """A fresh ticket traded for the viewer cookie through the proxy."""
+        novnc = self.ctl.request("GET", f"/api/auth/session/{self.session_id}").json()["novncURL"]
+        assert novnc.startswith(self.nginx.origin + "/")
+        answer = self.get(novnc.removeprefix(self.nginx.origin))
+        assert answer.status_code == 303, answer.text
+        assert "secure" in answer.headers["set-cookie"].lower()
+        return str(answer.cookies[VIEWER_COOKIE])
+
+
+@contextmanager
+def behind_proxies(data_dir: Path, work: Path, guest_network: str) -> Iterator[Proxied]:
+    """A controller on ``data_dir`` behind both examples, everything under ``work``."""
+    tls = make_tls(work / "tls")
+    https_port, http_port = free_port(), free_port()
+    with (
+        controller(
+            data_dir,
+            f"sqlite:///{work / 'mc.db'}",
+            work,
+            guest_network=guest_network,
+            public_url=f"https://{SERVER_NAME}:{https_port}",
+            forwarded_allow_ips='["127.0.0.1"]',
+        ) as ctl,
+        nginx(work / "nginx", ctl.url, tls, https_port, http_port) as in_front,
+        caddy(work / "caddy", ctl.url, tls, free_port(), free_port()) as beside,
+    ):
+        yield Proxied(ctl, in_front, beside, tls)

@@ -12,7 +12,6 @@ import ssl
 import subprocess
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -26,18 +25,17 @@ from master_controller.settings import Settings
 from master_controller.viewing.close_codes import CloseCode
 from master_controller.web.paths import VIEWER_COOKIE, viewer_path
 from tests.conftest import require_tools
-from tests.servers import Controller, controller, free_port
+from tests.servers import free_port
 from tests.web.inprocess import NoGuestRuntime, app_settings, serving
 from tests.web.reverse_proxies import (
     EXAMPLES,
     SERVER_NAME,
+    Proxied,
     Proxy,
-    Tls,
-    caddy,
+    behind_proxies,
     caddy_env,
     check_config,
     make_tls,
-    nginx,
     write_config,
 )
 from tests.web.test_tickets import _link, _session
@@ -116,69 +114,15 @@ def test_the_caddy_example_is_valid(tmp_path: Path) -> None:
 # --- through a real nginx, in front of a real controller and guest ---------------------
 
 
-@dataclass
-class Proxied:
-    ctl: Controller
-    nginx: Proxy
-    caddy: Proxy
-    tls: Tls
-    session_id: str
-
-    def front(self, name: str) -> Proxy:
-        return {"nginx": self.nginx, "caddy": self.caddy}[name]
-
-    def client(self, source: str = "127.0.0.1") -> httpx.Client:
-        """An HTTPS client of the proxy, from ``source``, that trusts only the test CA."""
-        transport = httpx.HTTPTransport(verify=self.tls.client_context(), local_address=source)
-        return httpx.Client(transport=transport, trust_env=False, timeout=15)
-
-    def get(
-        self,
-        path: str,
-        source: str = "127.0.0.1",
-        headers: dict[str, str] | None = None,
-        via: str = "nginx",
-    ) -> httpx.Response:
-        """GET through a proxy under its name (SNI and Host), from ``source``."""
-        port = self.front(via).https_port
-        with self.client(source) as client:
-            return client.get(
-                f"https://127.0.0.1:{port}{path}",
-                headers={"Host": f"{SERVER_NAME}:{port}", **(headers or {})},
-                extensions={"sni_hostname": SERVER_NAME},
-            )
-
-    def viewer_cookie(self) -> str:
-        """A fresh ticket traded for the viewer cookie through the proxy."""
-        novnc = self.ctl.request("GET", f"/api/auth/session/{self.session_id}").json()["novncURL"]
-        assert novnc.startswith(self.nginx.origin + "/")
-        answer = self.get(novnc.removeprefix(self.nginx.origin))
-        assert answer.status_code == 303, answer.text
-        assert "secure" in answer.headers["set-cookie"].lower()
-        return str(answer.cookies[VIEWER_COOKIE])
-
-
 @pytest.fixture(scope="module")
 def proxied(
     golden_image: str, integration_settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Proxied]:
     require_tools("nginx", "caddy")
     work = tmp_path_factory.mktemp("proxied")
-    tls = make_tls(work / "tls")
-    https_port, http_port = free_port(), free_port()
-    with (
-        controller(
-            integration_settings.data_dir,
-            f"sqlite:///{work / 'mc.db'}",
-            work,
-            guest_network="10.213.240.0/22",
-            public_url=f"https://{SERVER_NAME}:{https_port}",
-            forwarded_allow_ips='["127.0.0.1"]',
-        ) as ctl,
-        nginx(work / "nginx", ctl.url, tls, https_port, http_port) as in_front,
-        caddy(work / "caddy", ctl.url, tls, free_port(), free_port()) as beside,
-    ):
-        yield Proxied(ctl, in_front, beside, tls, ctl.ready_session("proxied"))
+    with behind_proxies(integration_settings.data_dir, work, "10.213.240.0/22") as running:
+        running.session_id = running.ctl.ready_session("proxied")
+        yield running
 
 
 @pytest.fixture
