@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, ip_network
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -228,6 +228,20 @@ class Settings(BaseSettings):
         ge=0,
         description="Seconds an upstream's successful check is trusted before it is checked again.",
     )
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _proxy_addresses(cls, entries: list[str]) -> list[str]:
+        # uvicorn would take anything else as a name it never matches, and "*" as everyone
+        for entry in entries:
+            try:
+                ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not an address or network (to believe every peer, which "
+                    'any client that reaches the controller can then lie to, write "0.0.0.0/0")'
+                ) from None
+        return entries
 
     @classmethod
     def settings_customise_sources(

@@ -1,7 +1,8 @@
 """The controller behind a reverse proxy with TLS: the examples in docs/reverse-proxy/ are
-valid for nginx and Caddy, and Debian's nginx running the example in front of a real
-controller and a real guest shows the viewer's frame over https, refuses a WebSocket from
-another Origin, and passes on no forwarded header a client made up."""
+valid for nginx and Caddy; Debian's nginx running its example in front of a real controller
+and a real guest shows the viewer's frame over https; through nginx and Caddy a WebSocket
+from another Origin is refused and no forwarded header a client made up is believed; and
+the controller believes forwarded headers only from forwarded_allow_ips."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
+from pydantic import ValidationError
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 from websockets.typing import Origin, Subprotocol
@@ -339,6 +341,14 @@ async def test_the_viewer_cookie_is_secure_when_a_trusted_proxy_speaks_tls(
     assert answer.status_code == 303
     attributes = [part.strip().lower() for part in answer.headers["set-cookie"].split(";")]
     assert ("secure" in attributes) is secure, attributes
+
+
+def test_forwarded_allow_ips_are_addresses_or_networks() -> None:
+    settings = Settings(forwarded_allow_ips=["127.0.0.1", "10.0.0.0/8", "::1"])
+    assert settings.forwarded_allow_ips == ["127.0.0.1", "10.0.0.0/8", "::1"]
+    for wrong in ("*", "proxy.internal", "127.0.0.l", ""):
+        with pytest.raises(ValidationError, match="not an address or network"):
+            Settings(forwarded_allow_ips=[wrong])
 
 
 def _logged_client(log: str, marker: str) -> str:
