@@ -15,6 +15,8 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,23 @@ CANVAS_DRAWN = """() => {
   for (let i = 0; i < d.length; i += 388) seen.add(d[i] << 16 | d[i + 1] << 8 | d[i + 2]);
   return seen.size > 50;
 }"""
+
+
+@contextmanager
+def bench_controller(settings: Settings, **overrides: str) -> Iterator[Controller]:
+    """A controller over ``settings``' data dir and guest network, with a throwaway database
+    and work folder."""
+    with (
+        tempfile.TemporaryDirectory() as work,
+        controller(
+            settings.data_dir,
+            f"sqlite:///{work}/mc.db",
+            Path(work),
+            guest_network=str(settings.guest_network),
+            **overrides,
+        ) as ctl,
+    ):
+        yield ctl
 
 
 def ensure_image(settings: Settings) -> str:
@@ -157,16 +176,7 @@ def main() -> None:
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "image": ensure_image(settings),
     }
-    with (
-        tempfile.TemporaryDirectory() as work,
-        controller(
-            settings.data_dir,
-            f"sqlite:///{work}/mc.db",
-            Path(work),
-            guest_network=str(settings.guest_network),
-            max_sessions="3",
-        ) as ctl,
-    ):
+    with bench_controller(settings, max_sessions="3") as ctl:
         figures.update(measure_sessions(ctl, args.sessions))
         figures["throughput_raw_frames"] = measure_proxy(ctl, settings, args.frames)
     save(figures, RESULTS)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -22,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from bench import save, summary
-from bench.controller import cpu_seconds, ensure_image
+from bench.controller import bench_controller, cpu_seconds, ensure_image
 from master_controller.settings import Settings
 from master_controller.viewing.guest_socket import rfb_over_websocket
-from tests.servers import Controller, controller
+from tests.servers import Controller
 
 RESULTS = Path(__file__).parent / "results"
 UP = {"ready", "authenticating"}  # with auto_login, ready turns into authenticating at once
@@ -78,12 +77,8 @@ def main() -> None:
         "host_cpus": len(os.sched_getaffinity(0)),
     }
     with (
-        tempfile.TemporaryDirectory() as work,
-        controller(
-            settings.data_dir,
-            f"sqlite:///{work}/mc.db",
-            Path(work),
-            guest_network=str(settings.guest_network),
+        bench_controller(
+            settings,
             max_sessions=str(args.sessions),
             max_sessions_per_key=str(args.sessions),  # one key starts them all
             # each guest's disk layer is reserved in full: 40 x the default 2 GiB is more

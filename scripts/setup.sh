@@ -12,8 +12,9 @@ APT_PACKAGES=(
     # tests: a real browser for the viewer tests, a real PostgreSQL for the store tests,
     # real upstream proxies (HTTP CONNECT, SOCKS5) for the egress identity tests
     chromium fonts-dejavu-core postgresql tinyproxy dante-server
-    # the reverse proxy examples (docs/reverse-proxy/): nginx runs them in front of a
-    # controller, caddy validates its own
+    # promtool checks and unit-tests the alert rules (deploy/prometheus)
+    prometheus
+    # the reverse proxy examples (docs/reverse-proxy/) run in front of a controller
     nginx caddy
 )
 command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(nodejs npm)
@@ -26,9 +27,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
-    # the tests run their own proxies (in namespaces, or on loopback ports of their own);
-    # the packages' services stay off, and stay off at boot on a host run by systemd
-    for service in tinyproxy danted nginx caddy; do
+    # the tests run their own proxies (in namespaces, or on loopback ports of their own),
+    # and need only promtool from prometheus; the packages' services stay off, and stay
+    # off at boot on a host run by systemd
+    for service in tinyproxy danted prometheus nginx caddy; do
         if [ -d /run/systemd/system ]; then
             systemctl disable --now "$service" >/dev/null 2>&1 || true
         elif command -v service >/dev/null 2>&1; then

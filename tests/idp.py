@@ -91,6 +91,7 @@ class IdentityProvider:
     codes: dict[str, Code] = field(default_factory=dict)
     tokens: list[dict[str, Any]] = field(default_factory=list)
     failed_logins: int = 0
+    usernames: list[str] = field(default_factory=list)  # every login's username, as typed
 
     @property
     def authorize_url(self) -> str:
@@ -181,6 +182,7 @@ def create_app(idp: IdentityProvider) -> Flask:
     def login() -> Any:
         query = urlencode(request.args)
         username = request.form.get("username", "")
+        idp.usernames.append(username)
         if idp.users.get(username) != request.form.get("password"):
             idp.failed_logins += 1
             return _login_form(query, "Wrong username or password.")

@@ -233,5 +233,33 @@ def guest_health(runtime: Runtime, guest_id: str) -> dict[str, Any]:
     return dict(answer.json())
 
 
+def guest_display(runtime: Runtime, guest_id: str, *argv: str) -> str:
+    """Run an X client (xdotool, xrandr...) on a container guest's display :1 as its browser
+    user (nsenter into the guest); its output."""
+    leader = str(runtime.load(guest_id).resources["leader"]["pid"])
+    as_browser = ["nsenter", "-t", leader, "-a", "runuser", "-u", "browser", "--"]
+    done = subprocess.run(
+        [*as_browser, "env", "DISPLAY=:1", *argv],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def chromium_geometry(runtime: Runtime, guest_id: str) -> list[str]:
+    """The size (WxH) of each visible Chromium window on a container guest's display."""
+    windows = guest_display(
+        runtime, guest_id, "xdotool", "search", "--onlyvisible", "--class", "chromium"
+    )
+    return [
+        guest_display(runtime, guest_id, "xdotool", "getwindowgeometry", w)
+        .split("Geometry: ")[1]
+        .strip()
+        for w in windows.split()
+    ]
+
+
 def have_postgresql() -> bool:
     return shutil.which("pg_lsclusters") is not None and shutil.which("createdb") is not None

@@ -47,7 +47,10 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
         ),
     ),
     ("store", frozenset({"store"})),
-    ("below the runtimes", frozenset({"images", "network", "vault", "credentials", "auth"})),
+    (
+        "below the runtimes",
+        frozenset({"images", "network", "vault", "credentials", "auth", "backup"}),
+    ),
     ("runtimes", frozenset({"runtimes"})),
     ("talking to guests", frozenset({"agent_client", "viewing"})),
     ("sessions", frozenset({"sessions", "verification"})),

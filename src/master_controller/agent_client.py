@@ -32,6 +32,8 @@ CALL_SECONDS = 10.0
 CREDENTIAL_CALL_SECONDS = 30.0
 # the wipe ends the login's processes and restarts Chromium (systemctl, up to 30 s each)
 WIPE_CALL_SECONDS = 60.0
+MAX_CLIPBOARD_CHARS = 1024  # what the viewer copies out of a guest (it is hostile)
+MAX_SCREEN_SIDE = 16384  # pixels: a screen size the guest may answer
 ERROR_TEXT_CHARS = 300
 
 
@@ -143,6 +145,25 @@ class GuestAgent:
     async def set_clipboard(self, text: str) -> None:
         """Put ``text`` on the guest display's clipboard (the viewer's paste)."""
         await self.call("POST", "/clipboard", {"text": text})
+
+    async def get_clipboard(self) -> str:
+        """The guest display's clipboard text, at most MAX_CLIPBOARD_CHARS."""
+        text = (await self.call("GET", "/clipboard")).get("text")
+        if not isinstance(text, str):
+            raise GuestAgentError("the guest's agent answered /clipboard without text")
+        return text[:MAX_CLIPBOARD_CHARS]
+
+    async def set_display(self, width: int, height: int) -> tuple[int, int]:
+        """Fit the guest's screen to ``width`` x ``height`` (the guest clamps it); the size
+        it has after."""
+        answer = await self.call("POST", "/display", {"width": width, "height": height})
+        size = answer.get("width"), answer.get("height")
+        match size:
+            case (int(got_width), int(got_height)) if all(
+                0 < v <= MAX_SCREEN_SIDE for v in (got_width, got_height)
+            ):
+                return got_width, got_height
+        raise GuestAgentError(f"the guest's agent answered /display with {answer!r:.200}")
 
     async def start_login(self, provider: str, options: dict[str, str]) -> dict[str, Any]:
         return await self.call("POST", "/login", {"provider": provider, "options": options})

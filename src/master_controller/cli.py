@@ -300,17 +300,13 @@ def serve(
     """Run the controller. Builds, verifies and promotes the image first if none is current.
 
     The whole process runs with umask 077 and a 0700 data dir (image builds keep their own
-    umask, see ImageBuilder.build), and viewer tickets are redacted from every log line."""
+    umask, see ImageBuilder.build), and viewer tickets are redacted from every log line.
+    Logs are JSON lines unless stderr is a terminal (setting ``log_format``)."""
     import uvicorn
 
     from master_controller.viewing.relay import MAX_VIEWER_MESSAGE
-    from master_controller.web.app import (
-        UMASK,
-        create_app,
-        forwarded_options,
-        log_config,
-        protect_data_dir,
-    )
+    from master_controller.web.app import UMASK, create_app, forwarded_options, protect_data_dir
+    from master_controller.web.logs import log_config
 
     os.umask(UMASK)
     # every guest's egress tunnels and viewers hold descriptors; the egress proxy's total
@@ -336,7 +332,7 @@ def serve(
         ws_max_size=MAX_VIEWER_MESSAGE,  # larger viewer frames are closed 1009 by uvicorn
         **forwarded_options(settings),
         log_level="info",
-        log_config=log_config(),
+        log_config=log_config(settings.log_format),
     )
 
 
@@ -573,3 +569,88 @@ def egress_credentials(
         database.migrate()
         asyncio.run(go())
     console.print(f"the login of {name} is sealed in the vault")
+
+
+def _backup_secret(key_file: Path | None, passphrase_stdin: bool, confirm: bool) -> bytes:
+    """The operator's backup secret: a key file (0600), one line on stdin, or asked for;
+    never an argument (arguments show in process lists and shell history)."""
+    from master_controller.backup import check_secret, read_key_file
+
+    if key_file is not None and passphrase_stdin:
+        raise ConfigError("give --key-file or --passphrase-stdin, not both")
+    if key_file is not None:
+        return read_key_file(key_file)
+    if passphrase_stdin:
+        line = sys.stdin.readline().rstrip("\n")
+    else:
+        line = typer.prompt("backup passphrase", hide_input=True, confirmation_prompt=confirm)
+    return check_secret(line.encode(), "the passphrase")
+
+
+KEY_FILE_HELP = "File holding the backup secret (0600; e.g. 32 random bytes, base64)."
+STDIN_HELP = "Read a passphrase from standard input (one line) instead of asking."
+
+
+@app.command("backup")
+def backup_command(
+    path: Path = typer.Argument(..., help="The archive to write (must not exist)."),
+    key_file: Path | None = typer.Option(None, "--key-file", help=KEY_FILE_HELP),
+    passphrase_stdin: bool = typer.Option(False, "--passphrase-stdin", help=STDIN_HELP),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Write the database, the vault's keys, the signing key and the settings file to one
+    encrypted archive (0600). Images are not in it: they rebuild from their recipes. Safe
+    while the controller runs."""
+    from master_controller.backup import backup
+    from master_controller.settings import config_path
+
+    settings = get_settings()
+    with reported():
+        secret = _backup_secret(key_file, passphrase_stdin, confirm=True)
+        summary = asyncio.run(backup(settings, path, secret, config_path()))
+    if as_json:
+        _print_json(summary.as_dict())
+        return
+    console.print(
+        f"backup written to {path}: {summary.bytes} bytes, {summary.credentials} credentials, "
+        f"{sum(summary.rows.values())} rows in {summary.seconds:.2f}s"
+    )
+    for note in summary.notes:
+        console.print(f"  note: {note}")
+
+
+@app.command("restore")
+def restore_command(
+    path: Path = typer.Argument(..., help="An archive `master-controller backup` wrote."),
+    key_file: Path | None = typer.Option(None, "--key-file", help=KEY_FILE_HELP),
+    passphrase_stdin: bool = typer.Option(False, "--passphrase-stdin", help=STDIN_HELP),
+    force: bool = typer.Option(
+        False, "--force", help="Replace the database and keys of an existing installation."
+    ),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Put a backup back on this host: settings file (if none is here), database, vault
+    keys, signing key. Refuses an existing installation unless --force, and a wrong key or
+    an altered archive before changing anything."""
+    from master_controller.backup import open_archive, restore, restored_config, target_settings
+    from master_controller.settings import config_path
+
+    with reported():
+        secret = _backup_secret(key_file, passphrase_stdin, confirm=False)
+        contents = open_archive(path, secret)
+        settings = target_settings(config_path(), contents)
+        summary = restore(settings, contents, force=force)
+        note = restored_config(config_path(), contents)
+    summary.path = str(path)
+    if note:
+        summary.notes.insert(0, note)
+    if as_json:
+        _print_json(summary.as_dict())
+        return
+    console.print(
+        f"restored {summary.credentials} credentials ({summary.opened} decrypt), "
+        f"{summary.upstream_logins} upstream logins, {sum(summary.rows.values())} rows "
+        f"into {settings.data_dir} in {summary.seconds:.2f}s"
+    )
+    for line in summary.notes:
+        console.print(f"  note: {line}")

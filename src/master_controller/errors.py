@@ -35,6 +35,8 @@ catch these. A refusal a person sees carries a ``reason`` and an HTTP ``status``
      │    └── NoImage                no promoted image (503)
      ├── VaultError                  a record does not decrypt (wrong key, or altered)
      │    └── VaultBusy              a key rotation holds the vault (503, Retry-After)
+     ├── BackupError                 a backup cannot be written or restored (wrong key, altered,
+     │                               an installation in the way); nothing was changed
      ├── CredentialsNotFound         (404)
      ├── AmbiguousCredentials        an admin must say whose record (409)
      └── RateLimited                 (429, Retry-After)
@@ -218,6 +220,12 @@ class VaultError(MCError):
     """A stored credential cannot be decrypted (wrong key, or the record was altered)."""
 
     status = 500
+
+
+class BackupError(MCError):
+    """A backup cannot be written, opened or restored; says why. Nothing was changed."""
+
+    status = 400
 
 
 class VaultBusy(VaultError):

@@ -1,4 +1,6 @@
-"""Prometheus metrics of the controller (served at /metrics)."""
+"""Prometheus metrics of the controller (served at /metrics). Every metric is listed in
+docs/METRICS.md, generated from the registry (``python -m master_controller.web.metrics_doc``);
+a test fails when the two differ."""
 
 from __future__ import annotations
 
@@ -37,3 +39,29 @@ BOOT_QUEUE_WAIT = Histogram(
 START_RETRIES = Counter(
     "mc_session_start_retries", "Starts retried on a fresh guest after a transient failure"
 )
+SESSION_TRANSITIONS = Counter(
+    "mc_session_transitions",
+    "Sessions entering each state (provisioning: sessions started; failed: sessions failed)",
+    ["state"],
+)
+# vault errors by kind: "undecryptable" (a record altered, or not this key's), "missing key"
+# (a record's key is not in the key file), "key file" (unreadable or gone), "busy" (a
+# rotation held the lock too long)
+VAULT_ERRORS = Counter(
+    "mc_vault_errors",
+    "Vault operations that failed, by kind: undecryptable, missing key, key file, busy",
+    ["kind"],
+)
+# sampled at every scrape of /metrics
+IMAGES = Gauge("mc_images", "Images in the store, by verification status", ["verification"])
+CURRENT_IMAGE_VERIFIED = Gauge(
+    "mc_current_image_verified",
+    "1 if the current image passed a full verification (static and boot), else 0 (also when "
+    "no image is current)",
+)
+DATA_DIR_FREE = Gauge(
+    "mc_data_dir_free_bytes", "Bytes free to the controller on the data dir's file system"
+)
+DATA_DIR_SIZE = Gauge("mc_data_dir_size_bytes", "Size of the data dir's file system in bytes")
+MAX_SESSIONS = Gauge("mc_max_sessions", "Concurrent live sessions this host allows (max_sessions)")
+BUILD_INFO = Gauge("mc_build_info", "Always 1; the running release in its labels", ["version"])

@@ -8,6 +8,7 @@ a working single-host setup.
 from __future__ import annotations
 
 import os
+import tomllib
 from functools import lru_cache
 from ipaddress import IPv4Network, ip_network
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -29,6 +31,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def _config_file() -> Path:
     return Path(os.environ.get("MC_CONFIG", str(DEFAULT_CONFIG_FILE)))
+
+
+def config_path() -> Path:
+    """The settings file in effect (``MC_CONFIG``, or the default); it may not exist."""
+    return _config_file()
 
 
 class Settings(BaseSettings):
@@ -69,6 +76,11 @@ class Settings(BaseSettings):
     vm_memory_mib: int = Field(2048, ge=512, description="Memory of a VM guest (MiB).")
     host: str = Field("127.0.0.1", description="Address `serve` listens on.")
     port: int = Field(4000, ge=1, le=65535, description="Port `serve` listens on.")
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto",
+        description="`serve`'s log lines: json (one event per line, for a log collector), "
+        "console (plain text), or auto: console on a terminal, json otherwise.",
+    )
     public_url: str | None = Field(
         None,
         description="Base URL people reach the controller at (for novncURL); "
@@ -147,6 +159,11 @@ class Settings(BaseSettings):
         description="Seconds a person has to sign in once the browser is ready; a heartbeat "
         "(the viewer's 'More time' button, or the API's) gives this much again from then, "
         "never past max_lifetime.",
+    )
+    viewer_copy_out: bool = Field(
+        False,
+        description="Let the person copy text out of the guest (the viewer's Copy button, "
+        "at most 1,024 characters). Off by default: credentials live in the guest.",
     )
     ticket_ttl: float = Field(
         300.0,
@@ -252,11 +269,12 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (
-            init_settings,
-            env_settings,
-            TomlConfigSettingsSource(settings_cls, toml_file=_config_file()),
-        )
+        return (init_settings, env_settings, cls.file_source(settings_cls))
+
+    @classmethod
+    def file_source(cls, settings_cls: type[BaseSettings]) -> PydanticBaseSettingsSource:
+        """Where the settings file's values come from (the lowest precedence)."""
+        return TomlConfigSettingsSource(settings_cls, toml_file=_config_file())
 
     @property
     def images_dir(self) -> Path:
@@ -290,3 +308,19 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+def settings_from_file_content(content: bytes) -> Settings:
+    """The settings as they would be with a settings file holding ``content`` (environment
+    variables still override it), without writing that file anywhere."""
+    try:
+        data = tomllib.loads(content.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"the settings file is not valid TOML: {exc}") from exc
+
+    class FromContent(Settings):
+        @classmethod
+        def file_source(cls, settings_cls: type[BaseSettings]) -> PydanticBaseSettingsSource:
+            return InitSettingsSource(settings_cls, data)
+
+    return FromContent()

@@ -40,6 +40,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from master_controller.errors import ConfigError, VaultBusy, VaultError
+from master_controller.metrics import VAULT_ERRORS
 from master_controller.settings import Settings
 
 NONCE_BYTES = 12
@@ -142,10 +143,12 @@ class Vault:
         if key is None and self.reload_if_changed():  # another process rotated
             key = self.keys.get(sealed.key_id)
         if key is None:
+            VAULT_ERRORS.labels("missing key").inc()
             raise VaultError(f"the key {sealed.key_id} of this record is not in the vault")
         try:
             return AESGCM(key).decrypt(sealed.nonce, sealed.ciphertext, binding.associated_data())
         except InvalidTag as exc:
+            VAULT_ERRORS.labels("undecryptable").inc()
             raise VaultError(
                 "the record does not decrypt: it was altered or does not belong to this "
                 "user, provider, API key and id"
@@ -160,12 +163,14 @@ class Vault:
         try:
             now = _stamp(os.stat(self.path))
         except OSError as exc:
+            VAULT_ERRORS.labels("key file").inc()
             raise VaultError(f"the vault key file {self.path} is gone: {exc}") from exc
         if now == self.stamp:
             return False
         try:
             self.keys, self.current, self.stamp = _read_keys(self.path)
         except ConfigError as exc:
+            VAULT_ERRORS.labels("key file").inc()
             raise VaultError(exc.reason) from exc
         return True
 
@@ -199,6 +204,7 @@ class Vault:
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
+                        VAULT_ERRORS.labels("busy").inc()
                         raise VaultBusy(
                             f"the vault's keys are being rotated (waited {self.lock_wait:.0f} s "
                             f"for {lock}); try again"
@@ -208,6 +214,10 @@ class Vault:
             yield
         finally:
             os.close(fd)  # releases the lock
+
+    def key_file_content(self) -> bytes:
+        """The keys as a key file holds them (for a backup)."""
+        return _serialize(self.keys, self.current)
 
     # --- rotation (with the exclusive lock held) -------------------------------------------
 
@@ -306,6 +316,12 @@ def _create_keys(path: Path) -> None:
         pass
     finally:
         tmp.unlink()
+
+
+def write_key_file(path: Path, keys: dict[str, bytes], current: str) -> None:
+    """Atomically and durably make ``path`` hold these keys (a restore; nobody else holds
+    the data dir then)."""
+    _write_keys(path, keys, current)
 
 
 def _write_keys(path: Path, keys: dict[str, bytes], current: str) -> Stamp:

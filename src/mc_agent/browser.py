@@ -71,6 +71,23 @@ def browser_command(argv: list[str]) -> int:
     return 0
 
 
+def get_clipboard() -> str:
+    """The display's CLIPBOARD text (what was copied in Chromium), at most MAX_CLIPBOARD
+    characters; empty when nothing is. Read by ``xclip`` as the browser user; never logged."""
+    env = {"DISPLAY": ":1", "HOME": f"/home/{BROWSER_USER}", "PATH": os.environ.get("PATH", "")}
+    xclip = ["xclip", "-selection", "clipboard", "-out", "-target", "UTF8_STRING"]
+    as_browser = os.geteuid() == pwd.getpwnam(BROWSER_USER).pw_uid
+    done = subprocess.run(
+        xclip if as_browser else ["runuser", "-u", BROWSER_USER, "--", *xclip],
+        env=env,
+        capture_output=True,
+        timeout=10,
+    )
+    if done.returncode != 0:  # no owner, or no text in it
+        return ""
+    return done.stdout[: MAX_CLIPBOARD * 4].decode("utf-8", "replace")[:MAX_CLIPBOARD]
+
+
 def set_clipboard(text: str) -> int:
     """Make ``text`` the display's CLIPBOARD (what Ctrl+V pastes in Chromium), owned by an
     ``xclip`` of the browser user that serves it until something else is copied. Returns

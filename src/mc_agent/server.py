@@ -4,6 +4,11 @@ Every route needs the guest's token as a bearer token:
 
 - ``GET /health``: each service with its state and version, the windows on :1, boot id
 - ``POST /open-url`` ``{"url"}``: open a URL in Chromium
+- ``POST /clipboard`` ``{"text"}``: make it the display's clipboard (a viewer's paste)
+- ``GET /clipboard``: the display's clipboard text (a viewer's copy, where the controller's
+  setting allows it), at most 1,024 characters
+- ``POST /display`` ``{"width", "height"}``: fit the screen to a viewer's window (clamped to
+  800x600 .. 1920x1200); answers the size it has after
 - ``POST /login`` ``{"provider", "options"}``: start a provider's login in a terminal on :1
 - ``GET /login``: its state, the captured auth URL, prompts answered, credential status
 - ``GET /credentials/status``: whether valid credentials are there (and why not)
@@ -34,7 +39,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from mc_agent import AGENT_PORT, browser, health, providers
+from mc_agent import AGENT_PORT, browser, display, health, providers
 from mc_agent.events import EventLog
 from mc_agent.login import Account, Login
 from mc_agent.userdir import UnsafePath
@@ -128,6 +133,8 @@ class AgentHandler(BaseHTTPRequestHandler):
                 if not isinstance(text, str):
                     raise ValueError("text must be a string")
                 self._send(HTTPStatus.OK, {"characters": browser.set_clipboard(text)})
+            elif path == "/display":
+                self._send(HTTPStatus.OK, display.set_size(body.get("width"), body.get("height")))
             elif path == "/login":
                 options = body.get("options") or {}
                 if not isinstance(options, dict) or not all(
@@ -171,6 +178,11 @@ class AgentHandler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         if parts.path == "/health":
             self._send(HTTPStatus.OK, health.report())
+        elif parts.path == "/clipboard":
+            try:
+                self._send(HTTPStatus.OK, {"text": browser.get_clipboard()})
+            except (OSError, subprocess.SubprocessError) as exc:
+                self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"clipboard: {exc}"[:300]})
         elif parts.path == "/login":
             if (login := self._login()) is not None:
                 self._send(HTTPStatus.OK, login.describe())

@@ -253,3 +253,25 @@ def test_the_window_manager_starts_nothing(desk: Desk) -> None:
     time.sleep(2)
     assert desk.shells() == []
     assert desk.window_classes() == before
+
+
+def test_the_clipboard_goes_in_and_comes_out_only_through_the_agent(desk: Desk) -> None:
+    """A viewer's paste lands on the display's clipboard, and what Chromium copies can be read
+    back (the controller hands it out only where viewer_copy_out allows). Nothing else: the
+    VNC server has no clipboard (-nosel)."""
+    text = "pässwörd 1 €"
+    assert desk.call("POST", "/clipboard", {"text": text}).json() == {"characters": len(text)}
+    assert desk.call("GET", "/clipboard").json() == {"text": text}
+    # Chromium copies: paste into its address bar, select it all, copy
+    desk.activate("Chromium")
+    desk.keys("ctrl+l")
+    time.sleep(0.3)
+    desk.keys("ctrl+a", "BackSpace")
+    desk.xdotool("type", "--delay", "15", "copied in chromium")
+    desk.keys("ctrl+a", "ctrl+c")
+    time.sleep(0.5)
+    assert desk.call("GET", "/clipboard").json() == {"text": "copied in chromium"}
+    desk.keys("Escape", "Escape")
+    # and a paste bigger than a viewer may send is refused, the clipboard unchanged
+    assert desk.call("POST", "/clipboard", {"text": "x" * 1025}).status_code == 400
+    assert desk.call("GET", "/clipboard").json() == {"text": "copied in chromium"}

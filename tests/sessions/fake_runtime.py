@@ -44,7 +44,7 @@ from master_controller.runtimes.base import (
 )
 from master_controller.settings import Settings
 from master_controller.steps import StepLog, StepRecord, StepSink
-from mc_agent import providers
+from mc_agent import display, providers
 
 # --- credential files that pass the providers' own validators ---------------------------
 
@@ -91,6 +91,8 @@ class AgentGuest:
     wipe_error: str | None = None
     opened: list[str] = field(default_factory=list)
     clipboard: str | None = None  # what the viewer pasted last
+    copied: str = ""  # what was copied in the guest (its clipboard, for a viewer's copy)
+    screen: tuple[int, int] = (1280, 800)  # the display's size (the real agent's clamping)
     logins: int = 0
 
     def files(self) -> dict[str, str]:
@@ -215,6 +217,8 @@ class _AgentHandler(BaseHTTPRequestHandler):
             return
         if self.path == "/health":
             self._send(HTTPStatus.OK, {"services": {}, "boot_id": guest.guest_id})
+        elif self.path == "/clipboard":
+            self._send(HTTPStatus.OK, {"text": guest.copied})
         elif guest.provider is None:
             self._send(HTTPStatus.NOT_FOUND, {"error": "no login has been started"})
         elif self.path == "/login":
@@ -235,6 +239,13 @@ class _AgentHandler(BaseHTTPRequestHandler):
         elif self.path == "/clipboard":
             guest.clipboard = str(body.get("text"))
             self._send(HTTPStatus.OK, {"characters": len(guest.clipboard)})
+        elif self.path == "/display":
+            try:
+                guest.screen = display.clamp(body.get("width"), body.get("height"))
+            except ValueError as exc:
+                self._send(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+                return
+            self._send(HTTPStatus.OK, dict(zip(("width", "height"), guest.screen, strict=True)))
         elif self.path == "/login" and self.owner.refuse_login is not None:
             self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": self.owner.refuse_login})
         elif self.path == "/login":

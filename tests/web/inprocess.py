@@ -24,7 +24,8 @@ from master_controller.sessions.bringup import ViewerPathCheck
 from master_controller.settings import Settings
 from master_controller.steps import StepLog
 from master_controller.store.database import Database
-from master_controller.web.app import create_app, forwarded_options, log_config
+from master_controller.web.app import create_app, forwarded_options
+from master_controller.web.logs import LogFormat, log_config
 from tests.servers import free_port
 from tests.sessions.fake_runtime import FakeAgent, FakeRuntime, FakeViewerPath
 from tests.sessions.harness import IMAGE_ID
@@ -87,11 +88,12 @@ async def serving(
     log_stream: Any = None,
     probe_interval: float = 60.0,
     viewer_path: ViewerPathCheck | None = None,
+    log_format: LogFormat = "console",
 ) -> AsyncIterator[tuple[str, Any]]:
     """Serve the app on a free loopback port; yields its base URL and the app. Logging is
     configured as `serve` configures it (with ``log_stream`` for every handler, if given)
     and put back as it was afterwards."""
-    config_dict = log_config()
+    config_dict = log_config(log_format)
     if log_stream is not None:
         for handler in config_dict["handlers"].values():
             handler["stream"] = log_stream
@@ -182,10 +184,14 @@ class FakeGuestController:
 
 @asynccontextmanager
 async def fake_guest_controller(
-    root: Path, keys: dict[str, tuple[str, ...]], **overrides: Any
+    root: Path,
+    keys: dict[str, tuple[str, ...]],
+    log_stream: Any = None,
+    log_format: LogFormat = "console",
+    **overrides: Any,
 ) -> AsyncIterator[FakeGuestController]:
     """Serve the app on a fresh database under ``root``, with the fake image promoted and
-    the API keys ``keys`` (name -> scopes) made."""
+    the API keys ``keys`` (name -> scopes) made; logging as ``serving`` sets it up."""
     database_url = f"sqlite:///{root / 'mc.db'}"
     settings = app_settings(root, database_url, **overrides)
     settings.images_dir.mkdir(parents=True)
@@ -200,5 +206,7 @@ async def fake_guest_controller(
     await db.close()
     with FakeAgent() as agent:
         runtime = FakeRuntime(settings, agent)
-        async with serving(settings, runtime, viewer_path=FakeViewerPath()) as (base, app):
+        async with serving(
+            settings, runtime, log_stream, viewer_path=FakeViewerPath(), log_format=log_format
+        ) as (base, app):
             yield FakeGuestController(base, app, agent, runtime, made)

@@ -12,6 +12,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from playwright.sync_api import Browser, Page
@@ -19,8 +20,8 @@ from playwright.sync_api import Browser, Page
 from master_controller.runtimes.container import ContainerRuntime
 from master_controller.settings import Settings
 from tests.idp import CLIENT_ID, IdentityProvider, identity_provider
-from tests.servers import Controller, controller, guest_health
-from tests.web.test_viewer_browser import browser, page, wait_for_state
+from tests.servers import Controller, controller, guest_display, guest_health
+from tests.web.test_viewer_browser import browser, page, screenshot, wait_for_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 __all__ = ["browser", "page"]  # fixtures used here
@@ -133,6 +134,7 @@ def test_sign_in_through_the_viewer_stores_the_token_encrypted(
     assert next(v for v in vms if v["sessionId"] == session_id)["status"] == "hibernated"
     wait_for_state(page, ctl, "signed-in", 15)
     assert page.locator("#message").inner_text() == "Signed in. You can close this tab."
+    screenshot(page, "desktop-signed-in")
 
     # metadata without secrets; validation decrypts and checks expiry
     listed = ctl.request("GET", "/api/auth/credentials/alice").json()["credentials"]
@@ -219,6 +221,9 @@ def test_a_pasted_password_signs_in_and_the_page_says_what_to_do(
         assert task == "Sign in to OAuth 2.0 (authorization code + PKCE) in the window below."
         _wait_for_title(integration_settings, session_id, "Allow access", 30)
         assert int(page.evaluate("document.body.dataset.pastes")) == 1
+        page.locator("#type-open").click()
+        screenshot(page, "desktop-type-text")
+        page.locator("#type-close").click()
 
         # time left, counting down from signin_time; "More time" gives it all again
         before = _seconds_left(page)
@@ -251,3 +256,181 @@ SECONDS_LEFT = """() => {
 def _seconds_left(page: Page) -> int:
     page.wait_for_function(f"({SECONDS_LEFT})() >= 0")
     return int(page.evaluate(f"({SECONDS_LEFT})()"))
+
+
+# a phone: 390x844 CSS pixels at 3x, touch, a mobile browser's viewport handling
+PHONE = {
+    "viewport": {"width": 390, "height": 844},
+    "device_scale_factor": 3,
+    "is_mobile": True,
+    "has_touch": True,
+}
+
+
+def _guest_pointer(settings: Settings, session_id: str) -> tuple[int, int]:
+    """Where the guest's X pointer is."""
+    shown = guest_display(
+        ContainerRuntime(settings), session_id, "xdotool", "getmouselocation", "--shell"
+    )
+    found = dict(line.split("=", 1) for line in shown.split())
+    return int(found["X"]), int(found["Y"])
+
+
+def test_a_phone_signs_in_with_taps_and_its_on_screen_keyboard(
+    ctl: Controller, browser: Browser, idp: IdentityProvider, integration_settings: Settings
+) -> None:
+    context = browser.new_context(**PHONE)  # type: ignore[arg-type]
+    page = context.new_page()
+    try:
+        started = ctl.request(
+            "POST", "/api/auth/start", json={"userId": "alice", "provider": "oauth2"}
+        )
+        session_id = started.json()["sessionId"]
+        page.goto(started.json()["novncURL"])
+        wait_for_state(page, ctl, "connected", 90)
+        # the page fits the phone: nothing wider than the screen, the guest's screen as
+        # narrow as it goes (800), tall in the phone's shape, scaled to the width; the
+        # keyboard button offered
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        page.wait_for_function("(document.body.dataset.guestScreen || '').startsWith('800x')")
+        guest_height = int(page.evaluate("document.body.dataset.guestScreen").split("x")[1])
+        assert guest_height > 1000
+        assert page.locator("#keyboard").is_visible()
+        _wait_for_title(integration_settings, session_id, "Sign in to the test IdP", 60)
+        time.sleep(2)  # the terminal is raised over Chromium after the page opens
+        box = page.locator("#screen canvas").bounding_box()
+        assert box is not None and box["width"] <= 390
+        scale = box["width"] / int(page.evaluate("document.querySelector('#screen canvas').width"))
+        screenshot(page, "phone-connected")
+
+        # the on-screen keyboard types into the username field (it has the focus)
+        page.locator("#keyboard").tap()
+        assert page.evaluate("document.activeElement.id") == "keyboard-input"
+        page.keyboard.type("alice", delay=30)
+        page.keyboard.press("Tab")
+        page.keyboard.type(PASSWORD, delay=30)
+        page.keyboard.press("Enter")
+        _wait_for_title(integration_settings, session_id, "Allow access", 30)
+        time.sleep(1)
+
+        # a tap is a click where the finger was, in the guest's own coordinates
+        tap = (box["x"] + 300, box["y"] + box["height"] - 40)
+        page.touchscreen.tap(*tap)
+        time.sleep(1)
+        expected = ((tap[0] - box["x"]) / scale, (tap[1] - box["y"]) / scale)
+        pointer = _guest_pointer(integration_settings, session_id)
+        assert abs(pointer[0] - expected[0]) <= 3 and abs(pointer[1] - expected[1]) <= 3, (
+            pointer,
+            expected,
+        )
+        screenshot(page, "phone-approve")
+        # the tap (below the form) took the focus off the Approve button: Shift+Tab goes
+        # back to it, Enter approves
+        page.locator("#keyboard").tap()
+        page.keyboard.press("Shift+Tab")
+        page.keyboard.press("Enter")
+        body = ctl.wait_for(session_id, {"captured", "failed"}, timeout=60)
+        assert body["status"] == "captured", (body["reason"], body["events"][-5:])
+        assert idp.tokens and idp.tokens[-1]["user"] == "alice"
+        wait_for_state(page, ctl, "signed-in", 15)
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        screenshot(page, "phone-signed-in")
+    finally:
+        context.close()
+
+
+# A German keyboard, as Chromium on Linux reports it: (key, code) per key press; "AltGraph"
+# is held for "@" (AltGr+Q); "Dead" is the acute accent dead key, whose next key comes composed.
+GERMAN = {
+    "ü": "BracketLeft",
+    "ö": "Semicolon",
+    "ä": "Quote",
+    "Ä": "Quote",
+    "ß": "Minus",
+    ".": "Period",
+    "-": "Slash",
+    "+": "BracketRight",
+    "é": "KeyE",
+}
+
+
+def _german_keys(cdp: Any, text: str) -> None:
+    """Press the keys a person with a German layout presses for ``text`` (CDP key events with
+    that layout's key and code values, as the host browser would send them)."""
+
+    def press(key: str, code: str, modifiers: int = 0, text: str | None = None) -> None:
+        down = {"type": "keyDown" if text else "rawKeyDown", "key": key, "code": code}
+        cdp.send("Input.dispatchKeyEvent", {**down, "modifiers": modifiers, "text": text or ""})
+        cdp.send("Input.dispatchKeyEvent", {"type": "keyUp", "key": key, "code": code})
+
+    for char in text:
+        if char == "@":
+            cdp.send(
+                "Input.dispatchKeyEvent",
+                {"type": "rawKeyDown", "key": "AltGraph", "code": "AltRight", "location": 2},
+            )
+            press("@", "KeyQ", text="@")
+            cdp.send(
+                "Input.dispatchKeyEvent",
+                {"type": "keyUp", "key": "AltGraph", "code": "AltRight", "location": 2},
+            )
+            continue
+        if char == "é":  # the dead key first: nothing yet, then the composed letter
+            press("Dead", "Equal")
+        shifted = char != char.lower()
+        if shifted:
+            cdp.send(
+                "Input.dispatchKeyEvent",
+                {"type": "rawKeyDown", "key": "Shift", "code": "ShiftLeft", "modifiers": 8},
+            )
+        code = GERMAN.get(char) or f"Key{char.upper()}"
+        press(char, code, modifiers=8 if shifted else 0, text=char)
+        if shifted:
+            cdp.send(
+                "Input.dispatchKeyEvent", {"type": "keyUp", "key": "Shift", "code": "ShiftLeft"}
+            )
+
+
+def test_a_german_keyboard_types_what_the_person_typed(
+    ctl: Controller, page: Page, idp: IdentityProvider, integration_settings: Settings
+) -> None:
+    """Umlauts, ß, AltGr+Q for @ and a dead key reach the guest's field as typed; the
+    shortcuts that would close or add the guest's tabs are kept from it."""
+    started = ctl.request("POST", "/api/auth/start", json={"userId": "alice", "provider": "oauth2"})
+    session_id = started.json()["sessionId"]
+    page.goto(started.json()["novncURL"])
+    wait_for_state(page, ctl, "connected", 90)
+    _wait_for_title(integration_settings, session_id, "Sign in to the test IdP", 60)
+    time.sleep(2)  # the terminal is raised over Chromium after the page opens
+    page.locator("#screen canvas").focus()
+    cdp = page.context.new_cdp_session(page)
+    typed = "jürgen.öß@straße-ä.de+Ärenée"
+    _german_keys(cdp, typed)
+    # Ctrl+T and Ctrl+W on the page: neither a new tab nor a closed one in the guest
+    for key in ("t", "w"):
+        cdp.send(
+            "Input.dispatchKeyEvent",
+            {"type": "rawKeyDown", "key": "Control", "code": "ControlLeft", "modifiers": 2},
+        )
+        cdp.send(
+            "Input.dispatchKeyEvent",
+            {"type": "rawKeyDown", "key": key, "code": f"Key{key.upper()}", "modifiers": 2},
+        )
+        cdp.send(
+            "Input.dispatchKeyEvent", {"type": "keyUp", "key": key, "code": f"Key{key.upper()}"}
+        )
+        cdp.send(
+            "Input.dispatchKeyEvent", {"type": "keyUp", "key": "Control", "code": "ControlLeft"}
+        )
+    assert page.evaluate("document.body.dataset.blockedShortcuts") == "2"
+    page.keyboard.press("Tab")
+    page.keyboard.type("wrong", delay=30)
+    page.keyboard.press("Enter")
+    deadline = time.monotonic() + 20
+    while not idp.usernames:
+        assert time.monotonic() < deadline, "the IdP never saw the login"
+        time.sleep(0.3)
+    assert idp.usernames == [typed]
+    time.sleep(1)
+    titles = _window_titles(integration_settings, session_id)
+    assert any("Sign in to the test IdP" in t for t in titles), titles

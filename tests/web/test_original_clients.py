@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from master_controller.settings import Settings
 from tests.sessions.fake_runtime import FakeAgent, FakeRuntime, credential_files
 from tests.web.inprocess import fake_guest_controller
 
@@ -47,6 +48,7 @@ class Original:
     agent: FakeAgent
     runtime: FakeRuntime
     http: httpx.AsyncClient
+    settings: Settings
 
     async def call(
         self, method: str, path: str, user: str | None = None, **kwargs: Any
@@ -91,7 +93,13 @@ async def original(tmp_path: Path) -> AsyncIterator[Original]:
         served.app.state.services.sessions.sign_in.watch_interval = 0.02
         made = served.keys
         yield Original(
-            served.base, made["webapp"], made["dashboard"], served.agent, served.runtime, http
+            served.base,
+            made["webapp"],
+            made["dashboard"],
+            served.agent,
+            served.runtime,
+            http,
+            served.app.state.services.settings,
         )
 
 

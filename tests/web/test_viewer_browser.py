@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from master_controller.runtimes.container import ContainerRuntime
 from master_controller.settings import Settings
-from tests.servers import Controller, controller
+from tests.servers import Controller, chromium_geometry, controller
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 CHROMIUM = "/usr/bin/chromium"
@@ -97,14 +98,14 @@ def _start(ctl: Controller) -> dict[str, str]:
     return dict(response.json())
 
 
-def test_viewer_shows_the_guest_browser(ctl: Controller, page: Page, tmp_path: Path) -> None:
+def test_viewer_shows_the_guest_browser(ctl: Controller, page: Page) -> None:
     started = _start(ctl)
     page.goto(started["novncURL"])  # opened at once: the page shows progress while it boots
     assert "ticket=" not in page.url  # traded for a cookie and dropped from the address bar
+    screenshot(page, "desktop-starting")
     wait_for_state(page, ctl, "connected", 90)
     page.wait_for_function(f"({CANVAS_COLOURS})() > 50", timeout=30_000)
     assert page.locator("#state").inner_text() == "Connected"
-    page.screenshot(path=str(tmp_path / "viewer.png"))
     cookies = page.context.cookies()
     viewer_cookie = next(c for c in cookies if c["name"] == "mc_viewer")
     assert viewer_cookie["httpOnly"] and viewer_cookie["path"].endswith("/novnc")
@@ -122,11 +123,95 @@ def test_viewer_shows_the_guest_browser(ctl: Controller, page: Page, tmp_path: P
     # cancelling closes the viewer with a reason the page shows in words
     ctl.request("POST", f"/api/auth/session/{started['sessionId']}/cancel")
     wait_for_state(page, ctl, "ended", 15)
+    screenshot(page, "desktop-cancelled")
     assert page.evaluate("document.body.dataset.closeCode") == "4410"
     assert (
         page.locator("#message").inner_text()
         == "This sign-in was cancelled. You can close this tab."
     )
+
+
+# the framebuffer noVNC shows (the guest's screen size, as its VNC server sent it)
+CANVAS_SIZE = """() => {
+  const c = document.querySelector('#screen canvas');
+  return c ? `${c.width}x${c.height}` : '';
+}"""
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "viewer"
+
+
+def screenshot(page: Page, name: str) -> None:
+    """Keep what the person sees in this state under docs/viewer/ (for reviewers)."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+
+
+def wait_for_canvas(page: Page, size: str, seconds: float = 20) -> None:
+    """Wait until noVNC shows a framebuffer of ``size`` (WxH); on timeout, say what it saw."""
+    try:
+        page.wait_for_function(f"({CANVAS_SIZE})() === '{size}'", timeout=seconds * 1000)
+    except PlaywrightTimeout:
+        seen = page.evaluate(f"({CANVAS_SIZE})()")
+        asked = page.evaluate("document.body.dataset.guestScreen")
+        problems = "\n".join(page.problems[-20:]) if hasattr(page, "problems") else ""
+        pytest.fail(f"the canvas is {seen}, not {size} (the guest answered {asked})\n{problems}")
+
+
+def test_the_guest_screen_fits_the_window(
+    ctl: Controller, browser: Browser, integration_settings: Settings
+) -> None:
+    """The guest's display is resized to the viewer's area (RandR in Xvfb, x11vnc -xrandr,
+    noVNC follows), so a 1024x700 viewer area shows a 1024x700 guest screen unscaled; with
+    "Fit to window" off the screen keeps its size and is scaled."""
+    context = browser.new_context(viewport={"width": 1024, "height": 760})
+    page = context.new_page()
+    try:
+        started = _start(ctl)
+        page.goto(started["novncURL"])
+        wait_for_state(page, ctl, "connected", 90)
+        # what the header takes: the viewer's area is the window less that
+        above = math.ceil(
+            760 - page.evaluate("document.getElementById('screen').getBoundingClientRect().height")
+        )
+        page.set_viewport_size({"width": 1024, "height": 700 + above})
+        wait_for_canvas(page, "1024x700")
+        page.wait_for_function("document.body.dataset.guestScreen === '1024x700'")
+        page.wait_for_function(f"({CANVAS_COLOURS})() > 50", timeout=20_000)
+        # nothing scaled: the canvas is drawn at its own size
+        shown = page.evaluate(
+            "(() => { const r = document.querySelector('#screen canvas')"
+            ".getBoundingClientRect(); return [Math.round(r.width), Math.round(r.height)]; })()"
+        )
+        assert shown == [1024, 700]
+        # the guest's Chromium (maximized) follows its screen
+        runtime = ContainerRuntime(integration_settings)
+        assert chromium_geometry(runtime, started["sessionId"]) == ["1024x700"]
+        screenshot(page, "desktop-connected")
+        # a window larger than the guest allows: the guest's largest screen, scaled down
+        page.set_viewport_size({"width": 2400, "height": 1300 + above})
+        wait_for_canvas(page, "1920x1200")
+        page.wait_for_function(f"({CANVAS_COLOURS})() > 50", timeout=20_000)
+        assert chromium_geometry(runtime, started["sessionId"]) == ["1920x1200"]
+        # fit off: the screen keeps its size when the window changes, and is scaled
+        page.locator("#fit").click()
+        assert page.locator("#fit").get_attribute("aria-pressed") == "false"
+        page.set_viewport_size({"width": 900, "height": 640 + above})
+        time.sleep(2)
+        assert page.evaluate(f"({CANVAS_SIZE})()") == "1920x1200"
+        page.locator("#fit").click()  # on again: fitted at once
+        area = page.evaluate(
+            "(() => { const r = document.getElementById('screen').getBoundingClientRect();"
+            " return `${Math.floor(r.width)}x${Math.floor(r.height)}`; })()"
+        )
+        assert area == "900x640"  # the header stays one line high
+        wait_for_canvas(page, area)
+        # another viewer (a reload, say) sees the size the screen has now
+        second = context.new_page()
+        fresh = ctl.request("GET", f"/api/auth/session/{started['sessionId']}").json()
+        second.goto(fresh["novncURL"])
+        wait_for_state(second, ctl, "connected", 30)
+        second.wait_for_function(f"({CANVAS_COLOURS})() > 50", timeout=20_000)
+    finally:
+        context.close()
 
 
 def test_viewer_without_a_valid_ticket_is_refused(ctl: Controller, page: Page) -> None:
@@ -143,6 +228,7 @@ def test_viewer_without_a_valid_ticket_is_refused(ctl: Controller, page: Page) -
     response = page.goto(plain + "?" + other["novncURL"].split("?")[1])
     assert response is not None and response.status == 403
     assert "another session" in page.locator("#message").inner_text()
+    screenshot(page, "desktop-refused")
 
 
 def test_viewer_reconnects_after_the_guest_vnc_drops(
@@ -223,6 +309,7 @@ def test_viewer_says_why_in_words_for_each_fault(
     assert ctl.request("POST", f"/api/auth/session/{session_id}/hibernate").status_code == 200
     wait_for_state(page, ctl, "hibernated", 15)
     assert "put to sleep (hibernated)" in _message(page)
+    screenshot(page, "desktop-hibernated")
     assert ctl.request("POST", f"/api/auth/session/{session_id}/resume").status_code == 200
     wait_for_state(page, ctl, "connected", 60)
 
@@ -254,6 +341,7 @@ def test_viewer_says_why_in_words_for_each_fault(
         wait_for_state(page, ctl, "reconnecting", 30)
         assert page.evaluate("document.body.dataset.closeCode") == "1011"
         assert "the guest stopped answering" in _message(page)
+        screenshot(page, "desktop-reconnecting")
     finally:
         subprocess.run(["ip", "link", "set", link, "up"], check=True)
     wait_for_state(page, ctl, "connected", 60)
@@ -263,3 +351,4 @@ def test_viewer_says_why_in_words_for_each_fault(
     wait_for_state(page, ctl, "ended", 60)
     assert "The sign-in failed" in _message(page)
     assert "the guest stopped unexpectedly" in _message(page)
+    screenshot(page, "desktop-failed")

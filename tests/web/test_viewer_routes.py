@@ -63,6 +63,69 @@ async def test_paste_reaches_the_guests_clipboard_from_the_page_only(original: O
     assert original.agent.of(await original.guest_of(other, "someone-else")).clipboard is None
 
 
+async def test_the_page_fits_the_guests_screen_to_its_window(original: Original) -> None:
+    session_id, path, cookies = await _viewer(original, "fitter")
+    guest = original.agent.of(await original.guest_of(session_id, "fitter"))
+    origin = {"Origin": original.base}
+    url = original.base + path + "/display"
+
+    async def fit(width: object, height: object, headers: dict[str, str]) -> httpx.Response:
+        return await original.http.post(
+            url, json={"width": width, "height": height}, headers=headers
+        )
+
+    fitted = await fit(1024, 700, {**cookies, **origin})
+    assert fitted.status_code == 200, fitted.text
+    assert fitted.json() == {"width": 1024, "height": 700} and guest.screen == (1024, 700)
+    # a phone's window or a huge one: the guest's limits, and the page scales the rest
+    assert (await fit(390, 500, {**cookies, **origin})).json() == {"width": 800, "height": 1026}
+    assert (await fit(5000, 3000, {**cookies, **origin})).json() == {"width": 1920, "height": 1200}
+    assert (await fit(1025, 700, {**cookies, **origin})).json()["width"] == 1024  # even widths
+    # nonsense is refused before it reaches the guest
+    for width, height in ((0, 700), (-5, 700), (1024, 99999), ("wide", 700), (1024.5, 700)):
+        assert (await fit(width, height, {**cookies, **origin})).status_code == 422
+    # another site, no cookie, another session's cookie: refused; the screen is unchanged
+    for headers in ({**cookies, "Origin": "https://evil.example"}, cookies, origin):
+        assert (await fit(800, 600, headers)).status_code in (401, 403)
+    other, other_path, _ = await _viewer(original, "someone-else")
+    crossed = await original.http.post(
+        original.base + other_path + "/display",
+        json={"width": 800, "height": 600},
+        headers={**cookies, **origin},
+    )
+    assert crossed.status_code in (401, 403)
+    assert guest.screen == (1024, 700)
+    assert original.agent.of(await original.guest_of(other, "someone-else")).screen == (1280, 800)
+
+
+async def test_copy_out_of_the_guest_only_where_the_operator_allows_it(
+    original: Original,
+) -> None:
+    session_id, path, cookies = await _viewer(original, "copier")
+    guest = original.agent.of(await original.guest_of(session_id, "copier"))
+    guest.copied = "the guest's text ü"
+    origin = {"Origin": original.base}
+    url = original.base + path + "/copy"
+    status = await original.http.get(original.base + path + "/status", headers=cookies)
+    assert status.json()["copyOut"] is False
+    # off by default: credentials live in the guest
+    refused = await original.http.post(url, headers={**cookies, **origin})
+    assert refused.status_code == 403 and "viewer_copy_out" in refused.text
+
+    original.settings.viewer_copy_out = True
+    status = await original.http.get(original.base + path + "/status", headers=cookies)
+    assert status.json()["copyOut"] is True
+    copied = await original.http.post(url, headers={**cookies, **origin})
+    assert copied.status_code == 200 and copied.json() == {"text": "the guest's text ü"}
+    # a hostile guest's clipboard is bounded
+    guest.copied = "x" * 100_000
+    copied = await original.http.post(url, headers={**cookies, **origin})
+    assert copied.json()["text"] == "x" * 1024
+    # still the page's own call only: another site, or no cookie, gets nothing
+    for headers in ({**cookies, "Origin": "https://evil.example"}, cookies, origin):
+        assert (await original.http.post(url, headers=headers)).status_code in (401, 403)
+
+
 async def test_more_time_from_the_page(original: Original) -> None:
     _, path, cookies = await _viewer(original, "waiter")
     status = (await original.http.get(original.base + path + "/status", headers=cookies)).json()

@@ -52,7 +52,8 @@ BROWSER_UNITS = (
     UnitContract(
         "xvfb.service",
         "/usr/bin/Xvfb",
-        required_args=(":1", "1280x800x24"),
+        # the largest screen a viewer can ask for; -noreset keeps its RandR modes (display-size)
+        required_args=(":1", "1920x1200x24", "-noreset"),
         after=("mc-config.service",),
     ),
     UnitContract(
@@ -76,6 +77,8 @@ BROWSER_UNITS = (
             "-shared",
             # no clipboard over VNC: nothing copied in the guest may reach a viewer
             "-nosel",
+            # a display resized to fit the viewer's window reaches the viewers
+            "-xrandr",
         ),
         one_of_args=("-rfbauth", "-passwdfile"),
         forbidden_args=("-nopw",),

@@ -118,7 +118,12 @@ class EgressIdentities:
                 address = await exit_address(upstream, self.settings.egress_check_url)
             except UpstreamFailed as exc:
                 UPSTREAM_FAILURES.labels(name).inc()
-                log.warning("egress for user %s: %s", user_id[:128], exc.reason)
+                log.warning(
+                    "egress for user %s: %s",
+                    user_id[:128],
+                    exc.reason,
+                    extra={"user_id": user_id[:128], "upstream": name},
+                )
                 reasons.append(exc.reason)
                 continue
             row = await self._record(user_id, name, address, "; ".join(reasons) or note)
@@ -155,7 +160,12 @@ class EgressIdentities:
             elif row.upstream != name:
                 UPSTREAM_USERS.labels(row.upstream).dec()
                 UPSTREAM_USERS.labels(name).inc()
-                log.info("egress for user %s moved to %s", user_id[:128], name)
+                log.info(
+                    "egress for user %s moved to %s",
+                    user_id[:128],
+                    name,
+                    extra={"user_id": user_id[:128], "upstream": name},
+                )
                 row.upstream, row.assigned_at = name, utcnow()
             row.exit_address, row.checked_at, row.check_ok = address, utcnow(), True
             row.last_error = why_moved

@@ -198,5 +198,11 @@ def _reason(session_id: str, step: str, exc: Exception) -> str:
     if isinstance(exc, OSError):
         return str(exc)
     # a bug: fail the session with a reason rather than leave it starting
-    log.error("session %s: %s failed unexpectedly", session_id, step, exc_info=exc)
+    log.error(
+        "session %s: %s failed unexpectedly",
+        session_id,
+        step,
+        exc_info=exc,
+        extra={"session_id": session_id, "step": step},
+    )
     return f"internal error ({type(exc).__name__}); see the controller's log"

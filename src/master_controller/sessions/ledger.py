@@ -10,7 +10,7 @@ from collections.abc import Collection
 from datetime import timedelta
 
 from master_controller.errors import SessionNotFound
-from master_controller.metrics import STEP_SECONDS
+from master_controller.metrics import SESSION_TRANSITIONS, STEP_SECONDS
 from master_controller.sessions.states import TERMINAL, State, check_transition
 from master_controller.steps import StepRecord
 from master_controller.store import repo
@@ -18,6 +18,11 @@ from master_controller.store.database import Database
 from master_controller.store.models import EventRow, SessionRow, utcnow
 
 log = logging.getLogger("master_controller.sessions")
+
+
+def session_fields(row: SessionRow) -> dict[str, str]:
+    """A session's fields for a log line (``extra=``): which session, whose."""
+    return {"session_id": row.id, "user_id": row.user_id, "provider": row.provider}
 
 
 class SessionLedger:
@@ -47,6 +52,15 @@ class SessionLedger:
             await db.flush()
             repo.stage_event(db, row.id, "state", row.state)
             await db.commit()
+        SESSION_TRANSITIONS.labels(str(row.state)).inc()
+        log.info(
+            "session %s for %s (%s): %s",
+            row.id,
+            row.user_id,
+            row.provider,
+            row.state,
+            extra={**session_fields(row), "state": str(row.state)},
+        )
         return row
 
     async def transition(self, session_id: str, new: State, reason: str = "") -> SessionRow:
@@ -65,16 +79,39 @@ class SessionLedger:
                 row.ended_at = now
             repo.stage_event(db, session_id, "state", new, ok=new != State.FAILED, detail=reason)
             await db.commit()
-        log.info("session %s -> %s %s", session_id, new, reason)
+        SESSION_TRANSITIONS.labels(str(new)).inc()
+        log.info(
+            "session %s -> %s %s",
+            session_id,
+            new,
+            reason,
+            extra={"session_id": session_id, "user_id": row.user_id, "state": str(new)},
+        )
         return row
 
     async def record(self, session_id: str, step: StepRecord) -> None:
         """A step's outcome as an event (and in the step-duration metric)."""
         STEP_SECONDS.labels(step.name).observe(step.seconds)
         async with self.db.session() as db:
+            row = await repo.get_session(db, session_id)
             await repo.add_event(
                 db, session_id, "step", step.name, step.ok, round(step.seconds, 3), step.detail
             )
+        log.info(
+            "session %s: step %s %s in %.2fs%s",
+            session_id,
+            step.name,
+            "ok" if step.ok else "FAILED",
+            step.seconds,
+            f" ({step.detail})" if step.detail else "",
+            extra={
+                "session_id": session_id,
+                "user_id": row.user_id if row is not None else None,
+                "step": step.name,
+                "ok": step.ok,
+                "seconds": round(step.seconds, 3),
+            },
+        )
 
     async def set_guest(self, session_id: str, guest_id: str, address: str | None) -> None:
         """The session's guest (a retried start has a new one) and its address."""

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 
 from master_controller.errors import MCError
 from master_controller.runtimes.base import GuestStatus
+from master_controller.sessions.ledger import session_fields
 from master_controller.sessions.lifecycle import Lifecycle
 from master_controller.sessions.signin import SignIn
 from master_controller.sessions.states import ACTIVE, TERMINAL, TIMED_OUT, VIEWABLE, State
@@ -46,7 +47,9 @@ class Reaper:
             except MCError:
                 alive = False
             if alive and State(row.state) in VIEWABLE:
-                log.info("session %s: guest still running, reattached", row.id)
+                log.info(
+                    "session %s: guest still running, reattached", row.id, extra=session_fields(row)
+                )
                 try:
                     await lifecycle.choose_exit(row)
                 except MCError as exc:
@@ -69,7 +72,11 @@ class Reaper:
             except MCError:
                 continue  # not a session's guest (an image verification's, say)
             if State(row.state) in TERMINAL:
-                log.info("session %s: finishing the teardown of its guest", row.id)
+                log.info(
+                    "session %s: finishing the teardown of its guest",
+                    row.id,
+                    extra=session_fields(row),
+                )
                 with contextlib.suppress(MCError):
                     await runtime.destroy(guest)
 

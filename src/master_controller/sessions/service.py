@@ -252,6 +252,14 @@ class SessionService:
         """Put the viewer's text on the guest's clipboard (nothing of it is recorded)."""
         await (await self._viewable_agent(session_id)).set_clipboard(text)
 
+    async def copy(self, session_id: str) -> str:
+        """The guest's clipboard text (what the person copied there; nothing recorded)."""
+        return await (await self._viewable_agent(session_id)).get_clipboard()
+
+    async def fit_screen(self, session_id: str, width: int, height: int) -> tuple[int, int]:
+        """Resize the guest's screen for a viewer's window; the size it has after."""
+        return await (await self._viewable_agent(session_id)).set_display(width, height)
+
     async def _viewable_agent(self, session_id: str) -> GuestAgent:
         row = await self.ledger.get(session_id)
         if State(row.state) not in VIEWABLE:

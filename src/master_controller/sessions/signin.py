@@ -13,6 +13,7 @@ from master_controller.credentials import Captured, CredentialStore
 from master_controller.errors import GuestAgentError, MCError
 from master_controller.runtimes.base import GuestState
 from master_controller.sessions import guest_input, providers
+from master_controller.sessions.ledger import session_fields
 from master_controller.sessions.lifecycle import Lifecycle
 from master_controller.sessions.states import State
 from master_controller.steps import StepRecord
@@ -70,7 +71,12 @@ class SignIn:
                 try:
                     login: object = await agent.login()
                 except GuestAgentError as exc:
-                    log.info("session %s: agent not answering (%s)", session_id, exc.reason)
+                    log.info(
+                        "session %s: agent not answering (%s)",
+                        session_id,
+                        exc.reason,
+                        extra=session_fields(row),
+                    )
                     await asyncio.sleep(interval)
                     continue
                 report = guest_input.login_report(row.provider, login)
@@ -139,7 +145,9 @@ class SignIn:
         if await self._captured(row):
             # stored already: a controller stopped after the store and before the session
             # was captured (the agent hands the files out once); only the guest is left
-            log.info("session %s: credentials stored before a restart", row.id)
+            log.info(
+                "session %s: credentials stored before a restart", row.id, extra=session_fields(row)
+            )
         else:
             checked = guest_input.credentials(row.provider, await agent.fetch_credentials())
             captured = Captured(
@@ -210,7 +218,12 @@ def _why(session_id: str, exc: Exception) -> str:
     if isinstance(exc, MCError):
         return f"capturing the credentials failed: {exc.reason}"
     # a bug: say so, rather than leave it authenticating
-    log.error("session %s: following the login failed", session_id, exc_info=exc)
+    log.error(
+        "session %s: following the login failed",
+        session_id,
+        exc_info=exc,
+        extra={"session_id": session_id},
+    )
     return (
         f"capturing the credentials failed: internal error ({type(exc).__name__}); "
         "see the controller's log"

@@ -6,7 +6,6 @@ from a probe cache (a probe never runs in a request)."""
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import os
 import stat
@@ -46,7 +45,9 @@ from master_controller.viewing.readiness import ViewerPath
 from master_controller.viewing.relay import ViewerRegistry
 from master_controller.web import api, credentials_api, system_api, users_api, viewer
 from master_controller.web.deps import Services, services
+from master_controller.web.logs import log_config as log_config  # its old home, re-exported
 from master_controller.web.ratelimit import RateLimiter
+from master_controller.web.scrape import sample_host
 
 STATIC = Path(__file__).parent / "static"
 NOVNC = REPO_ROOT / "node_modules" / "@novnc" / "novnc"
@@ -219,6 +220,7 @@ def create_app(
             counts = await repo.count_by_state(db)
         for state in State:
             SESSIONS.labels(state.value).set(counts.get(state.value, 0))
+        await asyncio.to_thread(sample_host, svc.settings)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", include_in_schema=False)
@@ -285,23 +287,6 @@ def _narrow(path: Path) -> None:
     mode = stat.S_IMODE(path.lstat().st_mode)
     if mode & 0o077:
         path.chmod(mode & 0o700)
-
-
-def log_config() -> dict[str, Any]:
-    """uvicorn's logging configuration, plus: ticket values redacted in every handler, and
-    the controller's own loggers (``master_controller.*``) at INFO on stderr."""
-    from uvicorn.config import LOGGING_CONFIG
-
-    config = copy.deepcopy(LOGGING_CONFIG)
-    config["filters"] = {"redact_tickets": {"()": TicketRedaction}}
-    for handler in config["handlers"].values():
-        handler["filters"] = ["redact_tickets"]
-    config["loggers"]["master_controller"] = {
-        "handlers": ["default"],
-        "level": "INFO",
-        "propagate": False,
-    }
-    return config
 
 
 def redact_logs() -> None:

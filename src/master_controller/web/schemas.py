@@ -197,6 +197,7 @@ class ViewerStatus(Camel):
         None, description="Until ends_at, by the controller's clock (None: not counting)."
     )
     latest_end: datetime = Field(description="created + max_lifetime: no extension passes it.")
+    copy_out: bool = Field(False, description="Whether the page may copy text out of the guest.")
     events: list[EventView]
 
 
@@ -204,6 +205,16 @@ class PasteRequest(Camel):
     # a password, a code, an address: at most 1,024 characters, which stay within the agent's
     # 16 KiB body bound however they are JSON-escaped
     text: str = Field(min_length=1, max_length=1024, description="What the person pastes.")
+
+
+class CopiedText(Camel):
+    text: str = Field(description="The guest's clipboard text (empty: nothing copied).")
+
+
+class ScreenSize(Camel):
+    # what a window asks for; the guest clamps it to the sizes its display supports
+    width: int = Field(ge=1, le=16384, description="Width in pixels.")
+    height: int = Field(ge=1, le=16384, description="Height in pixels.")
 
 
 class OkResponse(Camel):

@@ -25,9 +25,11 @@ from master_controller.viewing.relay import ViewerConnection, relay
 from master_controller.web.deps import Services, check_session_id, services
 from master_controller.web.paths import VIEWER_COOKIE, viewer_path
 from master_controller.web.schemas import (
+    CopiedText,
     EventView,
     OkResponse,
     PasteRequest,
+    ScreenSize,
     ViewerStatus,
 )
 from mc_agent import providers
@@ -130,6 +132,7 @@ async def _status(svc: Services, row: SessionRow) -> ViewerStatus:
         ends_at=row.ends_at,
         seconds_left=None if left is None else max(0.0, left),
         latest_end=row.created_at + timedelta(seconds=svc.settings.max_lifetime),
+        copy_out=svc.settings.viewer_copy_out,
         events=[EventView.of(e) for e in events],
     )
 
@@ -142,32 +145,61 @@ async def viewer_status(
     return await _status(svc, row)
 
 
-@router.post("/heartbeat", response_model=ViewerStatus, include_in_schema=False)
-async def viewer_heartbeat(
+async def page_session(
     request: Request,
     row: SessionRow = Depends(viewed_session),
     svc: Services = Depends(services),
+) -> SessionRow:
+    """The session, for a call the viewer page itself makes: its cookie, from its own origin
+    (the cookie is SameSite=Strict too). Another site's page gets 403."""
+    if not origin_allowed(request, svc):
+        raise Forbidden("only the viewer page itself may act on the session")
+    return row
+
+
+@router.post("/heartbeat", response_model=ViewerStatus, include_in_schema=False)
+async def viewer_heartbeat(
+    row: SessionRow = Depends(page_session), svc: Services = Depends(services)
 ) -> ViewerStatus:
     """The person asks for more time (the page's button): ``signin_time`` from now, never
-    past ``max_lifetime``. Same-origin requests only (the cookie is SameSite=Strict too)."""
-    if not origin_allowed(request, svc):
-        raise Forbidden("this page is not allowed to extend the session")
+    past ``max_lifetime``."""
     return await _status(svc, await svc.sessions.heartbeat(row.id))
 
 
 @router.post("/clipboard", response_model=OkResponse, include_in_schema=False)
 async def viewer_clipboard(
     body: PasteRequest,
-    request: Request,
-    row: SessionRow = Depends(viewed_session),
+    row: SessionRow = Depends(page_session),
     svc: Services = Depends(services),
 ) -> OkResponse:
     """The person's pasted text, onto the guest's clipboard (the page then sends Ctrl+V).
-    Same-origin only. Nothing goes the other way: the guest's clipboard never leaves it."""
-    if not origin_allowed(request, svc):
-        raise Forbidden("this page is not allowed to paste into the session")
+    Nothing goes the other way: the guest's clipboard never leaves it."""
     await svc.sessions.paste(row.id, body.text)
     return OkResponse(status=row.state)
+
+
+@router.post("/copy", response_model=CopiedText, include_in_schema=False)
+async def viewer_copy(
+    row: SessionRow = Depends(page_session), svc: Services = Depends(services)
+) -> CopiedText:
+    """The guest's clipboard text, for the person to paste on their side (the page's Copy
+    button). Only where the operator allows it (setting ``viewer_copy_out``)."""
+    if not svc.settings.viewer_copy_out:
+        raise Forbidden("copying out of the guest is off (setting viewer_copy_out)")
+    return CopiedText(text=await svc.sessions.copy(row.id))
+
+
+@router.post("/display", response_model=ScreenSize, include_in_schema=False)
+async def viewer_display(
+    body: ScreenSize,
+    row: SessionRow = Depends(page_session),
+    svc: Services = Depends(services),
+) -> ScreenSize:
+    """Fit the guest's screen to the viewer's window (the page's "Fit to window"); answers
+    the size the screen has now (the guest clamps it to 800x600 .. 1920x1200). Every viewer
+    of the session sees the new size."""
+    width, height = await svc.sessions.fit_screen(row.id, body.width, body.height)
+    return ScreenSize(width=width, height=height)
 
 
 def origin_allowed(connection: HTTPConnection, services: Services) -> bool:

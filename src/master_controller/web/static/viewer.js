@@ -20,10 +20,18 @@ const typeOpenButton = document.getElementById("type-open");
 const typePanel = document.getElementById("type-panel");
 const typeText = document.getElementById("type-text");
 const typeNote = document.getElementById("type-note");
+const fitButton = document.getElementById("fit");
+const copyButton = document.getElementById("copy");
+const keyboardButton = document.getElementById("keyboard");
+const keyboardInput = document.getElementById("keyboard-input");
+// a touch screen (a phone, a tablet): the page offers its on-screen keyboard
+const TOUCH = matchMedia("(pointer: coarse)").matches;
 // while connected, the page asks for the session's state this often (time left, the end)
 const WATCH_MS = 5000;
 // a time left under this shows as short, with the "More time" button
 const SHORT_SECONDS = 180;
+// the guest's screen follows the window this long after the window stops changing size
+const FIT_DELAY_MS = 300;
 
 // Close codes the controller sends, in words (viewer-texts.js). FINAL: do not reconnect.
 const CLOSE_CODES = new Set([1006, 1011, 4401, 4403, 4404, 4409, 4410, 4412, 4429]);
@@ -34,6 +42,7 @@ let attempts = 0;
 let rfb = null;
 let deadline = null;  // Date.now() at which the sign-in time runs out, as last told
 let watching = null;
+let copyOut = false;  // the operator lets the person copy out of the guest (viewer_copy_out)
 
 function show(state, label, message, isError = false) {
   body.dataset.state = state;
@@ -74,6 +83,8 @@ async function fetchStatus(method = "GET", path = "/status") {
 // What the page tells from a status: what to do, and the time left.
 function learn(status) {
   taskEl.textContent = status.ready ? t("task", { provider: status.providerTitle }) : "";
+  taskEl.title = taskEl.textContent;
+  copyOut = Boolean(status.copyOut);
   deadline = status.secondsLeft == null ? null : Date.now() + status.secondsLeft * 1000;
   showTimeLeft();
 }
@@ -139,6 +150,9 @@ async function waitForTheEnd(fallback) {
 }
 
 function setTools(on) {
+  keyboardButton.hidden = !on || !TOUCH;
+  fitButton.hidden = !on;
+  copyButton.hidden = !on || !copyOut;
   pasteButton.hidden = !on;
   typeOpenButton.hidden = !on;
   if (!on) typePanel.hidden = true;
@@ -219,9 +233,11 @@ function connect() {
     show("connected", t("connected"), "");
     setTools(true);
     watch();
+    fitSoon(0);
   });
   rfb.addEventListener("disconnect", () => {
     rfb = null;
+    lastFit = "";
     setTools(false);
     clearInterval(watching);
     if (body.dataset.state === "signed-in" || body.dataset.state === "ended") return;
@@ -249,15 +265,145 @@ function connect() {
   });
 }
 
+// --- the guest's screen fits the window ---------------------------------------------------
+
+// On (the default, remembered per browser): the guest's screen is resized to the viewer's
+// area, so nothing is scaled; the guest clamps it to the sizes it supports (800x600 ..
+// 1920x1200) and noVNC scales what is left over. Off: the screen keeps its size, scaled.
+let fitting = localStorage.getItem("mc-viewer-fit") !== "off";
+let fitTimer = null;
+let lastFit = "";
+
+function showFit() {
+  fitButton.setAttribute("aria-pressed", String(fitting));
+}
+
+function fitSoon(delay = FIT_DELAY_MS) {
+  clearTimeout(fitTimer);
+  if (fitting) fitTimer = setTimeout(fitScreen, delay);
+}
+
+async function fitScreen() {
+  if (!rfb || !fitting || body.dataset.state !== "connected") return;
+  // whole pixels the area surely has (clientHeight rounds 699.6 up, and noVNC would then
+  // scale the screen down a little)
+  const area = screen.getBoundingClientRect();
+  const width = Math.floor(area.width);
+  const height = Math.floor(area.height);
+  const wanted = `${width}x${height}`;
+  if (width < 1 || height < 1 || wanted === lastFit) return;
+  lastFit = wanted;
+  try {
+    const response = await fetch(base + "/display", {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ width, height }),
+    });
+    if (!response.ok) throw new Error(`status ${response.status}`);
+    const size = await response.json();
+    body.dataset.guestScreen = `${size.width}x${size.height}`;
+  } catch (error) {
+    lastFit = "";  // scaled as before; the next change of size tries again
+  }
+}
+
+new ResizeObserver(() => fitSoon()).observe(screen);
+fitButton.addEventListener("click", () => {
+  fitting = !fitting;
+  localStorage.setItem("mc-viewer-fit", fitting ? "on" : "off");
+  showFit();
+  lastFit = "";
+  fitSoon(0);
+});
+showFit();
+
+// --- phones and tablets: the on-screen keyboard ---------------------------------------------
+
+// The canvas cannot open a phone's keyboard; a hidden text field can. What is typed into it
+// goes to the guest as keys; keys that would act on the page (Enter, Tab, Backspace, the
+// arrows) are sent as themselves. The field keeps one character, so Backspace on an empty
+// field still reaches the guest.
+const KEEP = " ";
+const KEYS = {
+  Enter: [KeyTable.XK_Return, "Enter"],
+  Tab: [KeyTable.XK_Tab, "Tab"],
+  Backspace: [KeyTable.XK_BackSpace, "Backspace"],
+  Delete: [KeyTable.XK_Delete, "Delete"],
+  Escape: [KeyTable.XK_Escape, "Escape"],
+  ArrowLeft: [KeyTable.XK_Left, "ArrowLeft"],
+  ArrowRight: [KeyTable.XK_Right, "ArrowRight"],
+  ArrowUp: [KeyTable.XK_Up, "ArrowUp"],
+  ArrowDown: [KeyTable.XK_Down, "ArrowDown"],
+};
+
+keyboardButton.addEventListener("click", () => {
+  keyboardInput.value = KEEP;
+  keyboardInput.focus();
+});
+keyboardInput.addEventListener("keydown", (event) => {
+  const key = KEYS[event.key];
+  if (!key || !rfb || event.isComposing) return;
+  event.preventDefault();
+  // a tablet's hardware keyboard: Shift+Tab goes back a field
+  if (event.shiftKey) rfb.sendKey(KeyTable.XK_Shift_L, "ShiftLeft", true);
+  rfb.sendKey(key[0], key[1]);
+  if (event.shiftKey) rfb.sendKey(KeyTable.XK_Shift_L, "ShiftLeft", false);
+});
+keyboardInput.addEventListener("input", (event) => {
+  if (event.isComposing || !rfb) return;
+  if (event.inputType === "deleteContentBackward") {
+    rfb.sendKey(KeyTable.XK_BackSpace, "Backspace");
+  } else if (event.inputType === "insertLineBreak") {
+    rfb.sendKey(KeyTable.XK_Return, "Enter");
+  } else if (event.data) {
+    typeIntoGuest(event.data);
+  }
+  keyboardInput.value = KEEP;
+});
+keyboardInput.addEventListener("compositionend", (event) => {
+  if (event.data && rfb) typeIntoGuest(event.data);
+  keyboardInput.value = KEEP;
+});
+
+// --- copy: only where the operator allows it (credentials live in the guest) ---------------
+
+copyButton.addEventListener("click", async () => {
+  try {
+    const response = await fetch(base + "/copy", { method: "POST", credentials: "same-origin" });
+    if (!response.ok) throw new Error(`status ${response.status}`);
+    const { text } = await response.json();
+    await navigator.clipboard.writeText(text);
+    body.dataset.copies = String(Number(body.dataset.copies || "0") + 1);
+  } catch (error) {
+    messageEl.textContent = t("copyFailed", { error: error.message });
+  }
+});
+
 // --- paste: the person's clipboard text reaches the focused field in the guest -------------
 
 // Ctrl+V (Cmd+V) on the page: kept from noVNC (which would send the keys at once, before the
 // text), so that the browser's paste event brings the text; that sets the guest's clipboard,
 // then the guest gets its own Ctrl+V.
+// Ctrl+W, Ctrl+T, Ctrl+N, Ctrl+Q (with Shift too) are kept from the guest on purpose: they
+// would close the sign-in's tab or open tabs and windows nobody needs. (Outside fullscreen
+// the host browser keeps them to itself anyway; leaving the page asks first, below.)
+const BLOCKED_SHORTCUTS = new Set(["w", "t", "n", "q"]);
 window.addEventListener("keydown", (event) => {
   if (!rfb || !(event.ctrlKey || event.metaKey) || event.altKey) return;
-  if (event.key === "v" || event.key === "V") event.stopImmediatePropagation();
+  const key = event.key.toLowerCase();
+  if (key === "v") event.stopImmediatePropagation();
+  if (BLOCKED_SHORTCUTS.has(key)) {
+    event.stopImmediatePropagation();
+    event.preventDefault();
+    body.dataset.blockedShortcuts = String(Number(body.dataset.blockedShortcuts || "0") + 1);
+  }
 }, true);
+
+// Closing or leaving the page while connected (a habitual Ctrl+W, say) asks first.
+window.addEventListener("beforeunload", (event) => {
+  if (body.dataset.state === "connected") event.preventDefault();
+});
 
 document.addEventListener("paste", (event) => {
   if (!rfb || !typePanel.hidden && typePanel.contains(document.activeElement)) return;
