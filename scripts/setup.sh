@@ -16,6 +16,8 @@ APT_PACKAGES=(
     chromium fonts-dejavu-core postgresql tinyproxy dante-server
     # promtool checks and unit-tests the alert rules (deploy/prometheus)
     prometheus
+    # the reverse proxy examples (docs/reverse-proxy/) run in front of a controller
+    nginx caddy
 )
 command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(nodejs npm)
 missing=()
@@ -27,10 +29,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
-    # the tests run their own proxies in namespaces, and need only promtool from
-    # prometheus; the packages' services stay off
-    for service in tinyproxy danted prometheus; do
-        if command -v service >/dev/null 2>&1; then
+    # the tests run their own proxies (in namespaces, or on loopback ports of their own),
+    # and need only promtool from prometheus; the packages' services stay off, and stay
+    # off at boot on a host run by systemd
+    for service in tinyproxy danted prometheus nginx caddy; do
+        if [ -d /run/systemd/system ]; then
+            systemctl disable --now "$service" >/dev/null 2>&1 || true
+        elif command -v service >/dev/null 2>&1; then
             service "$service" stop >/dev/null 2>&1 || true
         fi
         pkill -x "$service" 2>/dev/null || true

@@ -308,7 +308,7 @@ def serve(
     import uvicorn
 
     from master_controller.viewing.relay import MAX_VIEWER_MESSAGE
-    from master_controller.web.app import UMASK, create_app, protect_data_dir
+    from master_controller.web.app import UMASK, create_app, forwarded_options, protect_data_dir
     from master_controller.web.logs import log_config
 
     os.umask(UMASK)
@@ -333,6 +333,7 @@ def serve(
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,
         ws_max_size=MAX_VIEWER_MESSAGE,  # larger viewer frames are closed 1009 by uvicorn
+        **forwarded_options(settings),
         log_level="info",
         log_config=log_config(settings.log_format),
     )

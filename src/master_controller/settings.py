@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import tomllib
 from functools import lru_cache
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, ip_network
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -180,6 +180,13 @@ class Settings(BaseSettings):
         description="Extra Origins allowed to open viewer WebSockets (the controller's own "
         "origin always is).",
     )
+    forwarded_allow_ips: list[str] = Field(
+        default_factory=list,
+        description="Addresses or networks of the reverse proxies in front of the controller "
+        '(e.g. ["127.0.0.1"]): only from these are X-Forwarded-For and X-Forwarded-Proto '
+        "believed (the client address in logs, the request's scheme). Empty: no forwarded "
+        "header is believed, from anyone.",
+    )
     secret_key_file: Path | None = Field(
         None, description="Key signing viewer tickets; default <data_dir>/secret.key (0600)."
     )
@@ -243,6 +250,20 @@ class Settings(BaseSettings):
         ge=0,
         description="Seconds an upstream's successful check is trusted before it is checked again.",
     )
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _proxy_addresses(cls, entries: list[str]) -> list[str]:
+        # uvicorn would take anything else as a name it never matches, and "*" as everyone
+        for entry in entries:
+            try:
+                ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not an address or network (to believe every peer, which "
+                    'any client that reaches the controller can then lie to, write "0.0.0.0/0")'
+                ) from None
+        return entries
 
     @classmethod
     def settings_customise_sources(

@@ -24,7 +24,7 @@ from master_controller.sessions.bringup import ViewerPathCheck
 from master_controller.settings import Settings
 from master_controller.steps import StepLog
 from master_controller.store.database import Database
-from master_controller.web.app import create_app
+from master_controller.web.app import create_app, forwarded_options
 from master_controller.web.logs import LogFormat, log_config
 from tests.servers import free_port
 from tests.sessions.fake_runtime import FakeAgent, FakeRuntime, FakeViewerPath
@@ -100,7 +100,12 @@ async def serving(
     app = create_app(settings, runtime, probe_interval=probe_interval, viewer_path=viewer_path)
     with _logging_restored():
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=free_port(), log_config=config_dict, lifespan="on"
+            app,
+            host="127.0.0.1",
+            port=free_port(),
+            log_config=config_dict,
+            lifespan="on",
+            **forwarded_options(settings),
         )
         server = uvicorn.Server(config)
         task = asyncio.create_task(server.serve())

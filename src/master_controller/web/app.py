@@ -12,6 +12,7 @@ import stat
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,6 +55,16 @@ UMASK = 0o077
 PROBE_INTERVAL = 60.0  # seconds between background runtime probes
 # loggers whose records may carry a request's path (and so a viewer ticket)
 REDACTED_LOGGERS = ("uvicorn", "uvicorn.access", "uvicorn.error", "master_controller")
+
+
+def forwarded_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options for X-Forwarded-For and -Proto: believed from the reverse proxies
+    in ``forwarded_allow_ips`` alone. (uvicorn's own default believes any process on
+    loopback; without a proxy in front, nothing is believed.)"""
+    return {
+        "proxy_headers": bool(settings.forwarded_allow_ips),
+        "forwarded_allow_ips": list(settings.forwarded_allow_ips),
+    }
 
 
 class BodyLimit:

@@ -76,7 +76,7 @@ async def viewer_page(
                 path=viewer_path(session_id),
                 httponly=True,
                 samesite="strict",
-                secure=svc.settings.base_url.startswith("https://"),
+                secure=_over_tls(svc, request),
             )
             return response
         svc.tickets.check_cookie(
@@ -89,6 +89,11 @@ async def viewer_page(
     except (Unauthorized, Forbidden) as exc:
         return _refusal(exc.status, "This viewer link cannot be used", exc.reason)
     return HTMLResponse((STATIC / "viewer.html").read_text(), headers={"Cache-Control": "no-store"})
+
+
+def _over_tls(svc: Services, request: Request) -> bool:
+    """https: public_url says so, or a trusted proxy did (forwarded_allow_ips)."""
+    return svc.settings.base_url.startswith("https://") or request.url.scheme == "https"
 
 
 def _has_cookie(svc: Services, request: Request, session_id: str) -> bool:
@@ -198,14 +203,19 @@ async def viewer_display(
 
 
 def origin_allowed(connection: HTTPConnection, services: Services) -> bool:
+    """Whether the page that sent this request may act on the viewer: its Origin is
+    public_url, one of allowed_origins, or this request's own Host over this request's
+    scheme. Behind a TLS proxy the scheme is https only when the proxy said so and is one
+    of forwarded_allow_ips; so a plain-http page under the same name never passes."""
     origin = connection.headers.get("origin")
     if origin is None:
         return False
     allowed = {services.settings.base_url, *services.settings.allowed_origins}
     if origin.rstrip("/") in allowed:
         return True
-    host = connection.headers.get("host", "")
-    return urlsplit(origin).netloc == host and urlsplit(origin).scheme in ("http", "https")
+    scheme = "https" if connection.url.scheme in ("https", "wss") else "http"
+    parts = urlsplit(origin)
+    return parts.scheme == scheme and parts.netloc == connection.headers.get("host", "")
 
 
 @router.websocket("/websock")
