@@ -19,6 +19,20 @@ MAX_URL = 8192
 MAX_CLIPBOARD = 1024  # characters: a password, a code, an address; not a document
 
 
+def as_browser_user(argv: list[str]) -> list[str]:
+    """``argv`` run as the display's user: as it is when the agent already is that user,
+    through ``runuser`` otherwise."""
+    if os.geteuid() == pwd.getpwnam(BROWSER_USER).pw_uid:
+        return argv
+    return ["runuser", "-u", BROWSER_USER, "--", *argv]
+
+
+def display_env() -> dict[str, str]:
+    """The environment of a program on the display :1 (and nothing of the agent's own)."""
+    path = os.environ.get("PATH", "/usr/bin:/bin")
+    return {"DISPLAY": ":1", "HOME": f"/home/{BROWSER_USER}", "PATH": path}
+
+
 def check_url(url: str) -> str:
     """``url`` if it may be opened; ValueError says what is wrong."""
     if not url or len(url) > MAX_URL:
@@ -36,13 +50,11 @@ def check_url(url: str) -> str:
 def open_url(url: str) -> str:
     """Validate ``url`` and hand it to the running Chromium (a new tab of its profile)."""
     check_url(url)
-    env = {"DISPLAY": ":1", "HOME": f"/home/{BROWSER_USER}", "PATH": os.environ.get("PATH", "")}
     # argument list, no shell; "--" ends the options, so a URL can never become a flag
     chromium = ["/usr/bin/chromium", f"--user-data-dir={PROFILE}", "--", url]
-    as_browser = os.geteuid() == pwd.getpwnam(BROWSER_USER).pw_uid
     proc = subprocess.Popen(
-        chromium if as_browser else ["runuser", "-u", BROWSER_USER, "--", *chromium],
-        env=env,
+        as_browser_user(chromium),
+        env=display_env(),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -74,12 +86,10 @@ def browser_command(argv: list[str]) -> int:
 def get_clipboard() -> str:
     """The display's CLIPBOARD text (what was copied in Chromium), at most MAX_CLIPBOARD
     characters; empty when nothing is. Read by ``xclip`` as the browser user; never logged."""
-    env = {"DISPLAY": ":1", "HOME": f"/home/{BROWSER_USER}", "PATH": os.environ.get("PATH", "")}
     xclip = ["xclip", "-selection", "clipboard", "-out", "-target", "UTF8_STRING"]
-    as_browser = os.geteuid() == pwd.getpwnam(BROWSER_USER).pw_uid
     done = subprocess.run(
-        xclip if as_browser else ["runuser", "-u", BROWSER_USER, "--", *xclip],
-        env=env,
+        as_browser_user(xclip),
+        env=display_env(),
         capture_output=True,
         timeout=10,
     )
@@ -94,14 +104,12 @@ def set_clipboard(text: str) -> int:
     how many characters. The text is never written anywhere, nor logged."""
     if not text or len(text) > MAX_CLIPBOARD:
         raise ValueError(f"the text must be 1 to {MAX_CLIPBOARD} characters")
-    env = {"DISPLAY": ":1", "HOME": f"/home/{BROWSER_USER}", "PATH": os.environ.get("PATH", "")}
     xclip = ["xclip", "-selection", "clipboard", "-in"]
-    as_browser = os.geteuid() == pwd.getpwnam(BROWSER_USER).pw_uid
     # xclip reads the text, then forks to serve it: the command returns once it is owned
     subprocess.run(
-        xclip if as_browser else ["runuser", "-u", BROWSER_USER, "--", *xclip],
+        as_browser_user(xclip),
         input=text.encode(),
-        env=env,
+        env=display_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         timeout=10,

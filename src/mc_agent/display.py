@@ -4,12 +4,10 @@ Xvfb starts at its largest size and ``/usr/lib/mc/display-size`` (in the image) 
 with RandR; x11vnc (``-xrandr``) sends the new size to every viewer. This module clamps what
 a viewer asks for to what the image supports and runs that script as the display's user."""
 
-import os
-import pwd
 import subprocess
 import threading
 
-from mc_agent.browser import BROWSER_USER
+from mc_agent.browser import as_browser_user, display_env
 
 DISPLAY_SIZE = "/usr/lib/mc/display-size"
 MIN_WIDTH, MIN_HEIGHT = 800, 600
@@ -38,12 +36,9 @@ def clamp(width: object, height: object) -> tuple[int, int]:
 def set_size(width: object, height: object) -> dict[str, int]:
     """Resize the display to fit ``width`` x ``height``; returns the size it has after."""
     width, height = clamp(width, height)
-    argv = [DISPLAY_SIZE, str(width), str(height)]
-    if os.geteuid() != pwd.getpwnam(BROWSER_USER).pw_uid:
-        argv = ["runuser", "-u", BROWSER_USER, "--", *argv]
-    env = {"DISPLAY": ":1", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    argv = as_browser_user([DISPLAY_SIZE, str(width), str(height)])
     with _one_at_a_time:
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=10)
+        done = subprocess.run(argv, env=display_env(), capture_output=True, text=True, timeout=10)
     if done.returncode != 0:
         raise OSError(f"display-size failed: {done.stderr.strip()[-300:]}")
     got_width, _, got_height = done.stdout.strip().rpartition("\n")[-1].partition("x")

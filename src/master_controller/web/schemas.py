@@ -15,6 +15,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from master_controller.agent_client import MAX_SCREEN_SIDE
 from master_controller.sessions.states import ACTIVE, State
 from master_controller.store.models import CredentialRow, EventRow, SessionRow
 from master_controller.web.original import OriginalStatus, original_status
@@ -213,8 +214,8 @@ class CopiedText(Camel):
 
 class ScreenSize(Camel):
     # what a window asks for; the guest clamps it to the sizes its display supports
-    width: int = Field(ge=1, le=16384, description="Width in pixels.")
-    height: int = Field(ge=1, le=16384, description="Height in pixels.")
+    width: int = Field(ge=1, le=MAX_SCREEN_SIDE, description="Width in pixels.")
+    height: int = Field(ge=1, le=MAX_SCREEN_SIDE, description="Height in pixels.")
 
 
 class OkResponse(Camel):
