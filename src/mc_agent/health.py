@@ -8,6 +8,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from mc_agent import VNC_PORT, WEBSOCKIFY_PORT
+
 DISPLAY = ":1"
 # window titles come from web pages (any site the viewer opens): bounded like all the
 # agent says
@@ -23,6 +25,10 @@ SERVICES: dict[str, str] = {
     "websockify.service": "websockify",
     "chromium.service": "chromium",
 }
+# unit -> the TCP port it serves: "active" only says the process runs; a viewer needs the
+# port to accept (a restarted x11vnc is active a moment before it listens)
+LISTENS: dict[str, int] = {"x11vnc.service": VNC_PORT, "websockify.service": WEBSOCKIFY_PORT}
+TCP_LISTEN = "0A"  # the state column of /proc/net/tcp for a listening socket
 
 
 def _run(
@@ -66,6 +72,30 @@ def _summarise(unit: str, props: dict[str, str]) -> dict[str, str]:
     return {"load": load, "active": active, "sub": props.get("SubState", ""), "summary": summary}
 
 
+def listening_ports(tables: tuple[str, ...] = ("/proc/net/tcp", "/proc/net/tcp6")) -> set[int]:
+    """The TCP ports something in this network namespace listens on (no process started)."""
+    ports: set[int] = set()
+    for table in tables:
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == TCP_LISTEN:
+                ports.add(int(fields[1].rpartition(":")[2], 16))
+    return ports
+
+
+def _check_listening(states: dict[str, dict[str, str]], ports: set[int]) -> None:
+    """An active unit whose port does not accept yet is reported as starting, not running."""
+    for unit, port in LISTENS.items():
+        state = states.get(unit)
+        if state and state["active"] == "active" and port not in ports:
+            state["active"] = "activating"
+            state["summary"] = f"{unit} running but not yet listening on port {port}"
+
+
 _versions: dict[str, str] = {}
 
 
@@ -105,6 +135,7 @@ def windows(display: str = DISPLAY) -> list[dict[str, str]]:
 
 def report() -> dict[str, Any]:
     states = service_states(list(SERVICES))
+    _check_listening(states, listening_ports())
     versions = package_versions(tuple(SERVICES.values()))
     services = {}
     for unit, package in SERVICES.items():
