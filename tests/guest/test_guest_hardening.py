@@ -275,3 +275,45 @@ def test_the_clipboard_goes_in_and_comes_out_only_through_the_agent(desk: Desk) 
     # and a paste bigger than a viewer may send is refused, the clipboard unchanged
     assert desk.call("POST", "/clipboard", {"text": "x" * 1025}).status_code == 400
     assert desk.call("GET", "/clipboard").json() == {"text": "copied in chromium"}
+
+
+def _chromium_processes(desk: Desk) -> list[dict[str, str]]:
+    """Each Chromium process of the browser user: its type, namespaces and seccomp state."""
+    found = []
+    for line in desk.root("ps", "-u", "browser", "-o", "pid=,args=").stdout.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if not args.startswith("/usr/lib/chromium/chromium"):
+            continue
+        kind = next((a.split("=", 1)[1] for a in args.split() if a.startswith("--type=")), "")
+        sub = next((a.split("=", 1)[1] for a in args.split() if a.startswith("--utility-sub")), "")
+        status = desk.root("cat", f"/proc/{pid}/status").stdout
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        found.append(
+            {
+                "type": kind or "browser",
+                "sub": sub,
+                "pidns": desk.root("readlink", f"/proc/{pid}/ns/pid").stdout.strip(),
+                "netns": desk.root("readlink", f"/proc/{pid}/ns/net").stdout.strip(),
+                "filters": fields.get("Seccomp_filters", "").strip(),
+                "nonewprivs": fields.get("NoNewPrivs", "").strip(),
+            }
+        )
+    return found
+
+
+def test_chromium_keeps_its_sandbox_with_the_memory_settings(desk: Desk) -> None:
+    """The memory flags (no spare renderer, the network service in the browser process) take
+    nothing from the sandbox: each renderer is still in its own PID and network namespace
+    under Chromium's own seccomp filter, as is the GPU process; the network service, which
+    this Chromium never sandboxed, is no longer a process of its own."""
+    processes = _chromium_processes(desk)
+    browser = next(p for p in processes if p["type"] == "browser")
+    renderers = [p for p in processes if p["type"] == "renderer"]
+    assert renderers, processes
+    for process in renderers:
+        assert process["pidns"] != browser["pidns"] and process["netns"] != browser["netns"]
+        assert int(process["filters"]) > int(browser["filters"]), (process, browser)
+        assert process["nonewprivs"] == "1"
+    gpu = next(p for p in processes if p["type"] == "gpu-process")
+    assert int(gpu["filters"]) > int(browser["filters"]) and gpu["nonewprivs"] == "1"
+    assert not [p for p in processes if "NetworkService" in p["sub"]], processes

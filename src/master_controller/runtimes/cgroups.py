@@ -250,6 +250,13 @@ def _processes(path: Path) -> set[int]:
     return pids
 
 
+def processes(paths: list[str]) -> set[int]:
+    """Every process in the guest's cgroups, its nested ones included (Chromium's sandboxed
+    processes live in PID namespaces of their own, so the guest's PID namespace misses them;
+    its cgroups do not)."""
+    return set().union(*(_processes(Path(path)) for path in paths))
+
+
 def remove(paths: list[str], timeout: float = 10.0) -> None:
     """Kill every process left in the guest's cgroups, then remove them (their subtrees
     first: the guest's systemd makes its own), and their ``mc-guests`` parent once no guest
