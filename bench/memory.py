@@ -1,20 +1,26 @@
 """Memory per container guest, as proportional set size (PSS): every process in the guest's
-PID namespace, each shared page split among the processes that share it, so the guests'
-sums add up to what they cost together. Measured idle (after the first frame, settled) and
-with a page open in its Chromium (a new tab; the page is Chromium's own error page, the
-only one a guest can load here).
+cgroups (Chromium's sandboxed renderers included: they run in PID namespaces of their own,
+which a count by the guest's PID namespace missed, about 95 MiB per guest before 2026-12-01),
+each shared page split among the processes that share it, so the guests' sums add up to
+what they cost together. Shared file pages (the image's libraries, one copy in the page cache
+for every guest) divide among more guests as more run: the figure falls with the count.
+Measured idle (after the first frame, settled) and with a page open in its Chromium (a new
+tab; the page is Chromium's own error page, the only one a guest can load here).
 
-    .venv/bin/python -m bench.memory [--guests N] [--settle S]
+    .venv/bin/python -m bench.memory [--guests N] [--settle S] [--memory-merging]
 
-Prints and saves bench/results/memory-<N>.json (per guest, and the five largest
-processes by PSS).
+With ``--memory-merging`` the guests start with ``guest_memory_merging`` on, and the host's
+KSM runs for the measurement (``/sys/kernel/mm/ksm/run`` is set back afterwards); each
+measurement waits for two full KSM scans.
+
+Prints and saves bench/results/memory-<N>.json (per guest: PSS, its anonymous, file and
+shared-memory parts, and the five largest processes by PSS).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import secrets
 from collections import defaultdict
 from datetime import UTC, datetime
@@ -24,6 +30,7 @@ from typing import Any
 from bench import save, summary
 from bench.controller import ensure_image
 from master_controller.agent_client import GuestAgent
+from master_controller.runtimes import cgroups, memmerge
 from master_controller.runtimes.base import GuestSecrets, GuestState
 from master_controller.runtimes.container import ContainerRuntime
 from master_controller.settings import Settings
@@ -33,32 +40,38 @@ RESULTS = Path(__file__).parent / "results"
 PASSWORD = "benchpw1"
 
 
-def pss_by_process(pid_namespace: str) -> dict[str, int]:
-    """KiB of PSS per command name, over the processes in ``pid_namespace``."""
+KINDS = ("Pss_Anon", "Pss_File", "Pss_Shmem")
+
+
+def pss_by_process(pids: set[int], kinds: dict[str, int] | None = None) -> dict[str, int]:
+    """KiB of PSS per command name, over the processes ``pids`` (and, into ``kinds``, the
+    total of each of KINDS)."""
     found: dict[str, int] = defaultdict(int)
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in pids:
+        entry = Path("/proc") / str(pid)
         try:
-            if os.readlink(entry / "ns" / "pid") != pid_namespace:
-                continue
             comm = (entry / "comm").read_text().strip()
             rollup = (entry / "smaps_rollup").read_text()
         except OSError:
             continue  # gone meanwhile, or a kernel thread
         for line in rollup.splitlines():
-            if line.startswith("Pss:"):
-                found[comm] += int(line.split()[1])
+            name, _, value = line.partition(":")
+            if name == "Pss":
+                found[comm] += int(value.split()[0])
+            elif kinds is not None and name in KINDS:
+                kinds[name] = kinds.get(name, 0) + int(value.split()[0])
     return dict(found)
 
 
 def measure(guest: GuestState) -> dict[str, Any]:
-    namespace = guest.resources.get("pid_namespace")
-    assert isinstance(namespace, str), "the guest has no recorded PID namespace"
-    processes = pss_by_process(namespace)
+    paths = guest.resources.get("cgroups")
+    assert isinstance(paths, list) and paths, "the guest has no recorded cgroups"
+    kinds: dict[str, int] = {}
+    processes = pss_by_process(cgroups.processes(paths), kinds)
     top = sorted(processes.items(), key=lambda kv: kv[1], reverse=True)[:5]
     return {
         "pss_mib": round(sum(processes.values()) / 1024, 1),
+        **{f"{kind.lower()}_mib": round(kinds.get(kind, 0) / 1024, 1) for kind in KINDS},
         "largest_mib": {name: round(kib / 1024, 1) for name, kib in top},
     }
 
@@ -76,6 +89,16 @@ async def boot(runtime: ContainerRuntime, image_id: str) -> GuestState:
     return runtime.load(guest.guest_id)
 
 
+async def ksm_scans(count: int, timeout: float = 600.0) -> None:
+    """Wait until the kernel's KSM finished ``count`` more full scans of mergeable memory."""
+    scans = memmerge.KSM_RUN.parent / "full_scans"
+    target = int(scans.read_text()) + count
+    deadline = asyncio.get_running_loop().time() + timeout
+    while int(scans.read_text()) < target:
+        assert asyncio.get_running_loop().time() < deadline, "KSM did not finish its scans"
+        await asyncio.sleep(1)
+
+
 async def run(settings: Settings, image_id: str, count: int, settle: float) -> dict[str, Any]:
     runtime = ContainerRuntime(settings)
     guests: list[GuestState] = []
@@ -83,10 +106,14 @@ async def run(settings: Settings, image_id: str, count: int, settle: float) -> d
         for _ in range(count):  # one at a time: a boot's own peak is not what we measure
             guests.append(await boot(runtime, image_id))
         await asyncio.sleep(settle)
+        if settings.guest_memory_merging:
+            await ksm_scans(2)
         idle = [measure(g) for g in guests]
         for guest in guests:
             await GuestAgent(runtime, guest).open_url("http://mc-bench.invalid/")
         await asyncio.sleep(settle)
+        if settings.guest_memory_merging:
+            await ksm_scans(2)
         page = [measure(g) for g in guests]
     finally:
         for guest in guests:
@@ -104,17 +131,31 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("/var/lib/master-controller-bench"))
     parser.add_argument("--guests", type=int, default=3)
     parser.add_argument("--settle", type=float, default=15.0)
+    parser.add_argument("--memory-merging", action="store_true")
     args = parser.parse_args()
-    settings = Settings(data_dir=args.data_dir, guest_network="10.213.192.0/20")
+    settings = Settings(
+        data_dir=args.data_dir,
+        guest_network="10.213.192.0/20",
+        guest_memory_merging=args.memory_merging,
+    )
     image_id = ensure_image(settings)
-    figures: dict[str, Any] = {
-        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "image": image_id,
-        "guests": args.guests,
-        "settle_seconds": args.settle,
-        **asyncio.run(run(settings, image_id, args.guests, args.settle)),
-    }
-    save(figures, RESULTS / f"memory-{args.guests}.json")
+    ksm_before = memmerge.KSM_RUN.read_text() if args.memory_merging else None
+    try:
+        if ksm_before is not None:
+            memmerge.KSM_RUN.write_text("1")
+        figures: dict[str, Any] = {
+            "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "image": image_id,
+            "guests": args.guests,
+            "guest_memory_merging": args.memory_merging,
+            "settle_seconds": args.settle,
+            **asyncio.run(run(settings, image_id, args.guests, args.settle)),
+        }
+    finally:
+        if ksm_before is not None:
+            memmerge.KSM_RUN.write_text(ksm_before)
+    merged = "-merged" if args.memory_merging else ""
+    save(figures, RESULTS / f"memory-{args.guests}{merged}.json")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,14 @@ from master_controller.images.recipe import Recipe
 from master_controller.images.store import ImageStore
 from master_controller.instance import ensure_free, running
 from master_controller.ops.commands import deploy_app, install
-from master_controller.runtimes import RUNTIMES, best_runtime, get_runtime, hostlimits, probe_all
+from master_controller.runtimes import (
+    RUNTIMES,
+    best_runtime,
+    get_runtime,
+    hostlimits,
+    memmerge,
+    probe_all,
+)
 from master_controller.runtimes.base import Runtime
 from master_controller.runtimes.kvm import kvm_probe
 from master_controller.settings import Settings, get_settings
@@ -258,6 +265,10 @@ def doctor(as_json: bool = typer.Option(False, "--json")) -> None:
             "maxConcurrentBoots": settings.max_concurrent_boots,
             "defaults": HostCapacity.of_this_host().explain(),
         },
+        "memoryMerging": {
+            "setting": settings.guest_memory_merging,
+            "kernel": memmerge.kernel_state(),
+        },
         # container guests count together against host root's inotify limits (issue 18)
         "hostLimits": {
             limit.name: {"current": limit.current, "needed": limit.needed}
@@ -287,6 +298,12 @@ def doctor(as_json: bool = typer.Option(False, "--json")) -> None:
     )
     for line in HostCapacity.of_this_host().explain():
         console.print(f"  {line}")
+    merge = memmerge.kernel_state()
+    if settings.guest_memory_merging:
+        effect = "merging" if merge == "merging" else f"no effect: the host's KSM is {merge}"
+        console.print(f"guest memory merging: on ({effect})")
+    else:
+        console.print(f"guest memory merging: off (the host's KSM is {merge})")
     for limit in hostlimits.check(settings.max_sessions):
         mark = "[green]ok[/]" if limit.enough else "[yellow]raised at the first container start[/]"
         console.print(

@@ -79,6 +79,12 @@ class Settings(BaseSettings):
     )
     vm_cpus: int = Field(2, ge=1, description="vCPUs of a VM guest.")
     vm_memory_mib: int = Field(2048, ge=512, description="Memory of a VM guest (MiB).")
+    guest_memory_merging: bool = Field(
+        False,
+        description="Let the kernel merge identical memory pages across guests (KSM; takes "
+        "effect where /sys/kernel/mm/ksm/run is 1): less memory per guest, but a guest could "
+        "time whether another guest holds a page of given content. Off by default.",
+    )
     host: str = Field("127.0.0.1", description="Address `serve` listens on.")
     port: int = Field(4000, ge=1, le=65535, description="Port `serve` listens on.")
     log_format: Literal["auto", "json", "console"] = Field(

@@ -93,6 +93,33 @@ async def test_boot_view_and_destroy_leaves_nothing(
     assert HostSnapshot.take(runtime.settings) == before
 
 
+def _merge_any(pid: int) -> str | None:
+    """Whether the kernel may merge ``pid``'s memory with other processes' (KSM)."""
+    try:
+        stat = Path(f"/proc/{pid}/ksm_stat").read_text()
+    except OSError:
+        return None  # exited meanwhile
+    return dict(line.split(": ") for line in stat.splitlines() if ": " in line)["ksm_merge_any"]
+
+
+async def test_memory_merging_is_off_unless_the_operator_turns_it_on(
+    golden_image: str, container_runtime: ContainerRuntime
+) -> None:
+    if not Path("/proc/self/ksm_stat").exists():
+        pytest.skip("this kernel has no per-process KSM (Linux 6.4+)")
+    settings = container_runtime.settings.model_copy(update={"guest_memory_merging": True})
+    plain = await _up(container_runtime, golden_image, "plain")
+    merged = await _up(ContainerRuntime(settings), golden_image, "merged")
+    try:
+        for guest, expected in ((plain, "no"), (merged, "yes")):
+            pids = cgroups.processes(guest.resources["cgroups"])
+            assert len(pids) > 10  # the guest's systemd, X, VNC, Chromium and the rest
+            assert {_merge_any(pid) for pid in pids} - {None} == {expected}, guest.guest_id
+    finally:
+        await container_runtime.destroy(plain)
+        await container_runtime.destroy(merged)
+
+
 async def test_hibernate_keeps_disk_and_address(
     golden_image: str, container_runtime: ContainerRuntime
 ) -> None:

@@ -104,6 +104,22 @@ async def test_qemu_runs_as_the_guests_own_user_under_seccomp(booted: Booted) ->
         assert status["Groups"] == ""
     # it sits in the guest's network namespace, not the host's
     assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+    # the guest's memory is not offered to the host's page merging (guest_memory_merging
+    # is off): QEMU's own default would have marked it mergeable
+    ram_kib = booted.runtime.settings.vm_memory_mib * 1024
+    assert _large_mappings(pid, ram_kib), "the guest's RAM mapping was not found"
+    assert not [flags for flags in _large_mappings(pid, ram_kib) if "mg" in flags.split()]
+
+
+def _large_mappings(pid: int, at_least_kib: int) -> list[str]:
+    """The VmFlags of each of ``pid``'s mappings of at least ``at_least_kib``."""
+    found, size = [], 0
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if line.startswith("Size:"):
+            size = int(line.split()[1])
+        elif line.startswith("VmFlags:") and size >= at_least_kib:
+            found.append(line.removeprefix("VmFlags:"))
+    return found
 
 
 async def test_the_guests_folder_is_private(booted: Booted) -> None:

@@ -33,7 +33,7 @@ from master_controller.errors import (
 from master_controller.images.store import ImageInfo
 from master_controller.network.netns import GuestLink
 from master_controller.process import ProcessRef, spawn
-from master_controller.runtimes import cgroups, disklayer, hostlimits, idmap
+from master_controller.runtimes import cgroups, disklayer, hostlimits, idmap, memmerge
 from master_controller.runtimes.base import (
     GuestState,
     GuestStatus,
@@ -131,6 +131,8 @@ class ContainerRuntime(HostedRuntime):
                     argv = cgroups.enter(
                         guest.resources["cgroups"], self._nspawn_argv(guest, folder, link)
                     )
+                    if self.settings.guest_memory_merging:
+                        argv = memmerge.merging(argv)
                     process = spawn(argv, folder / "console.log")
                     undo.push_async_callback(self._kill, process)
                     leader = await self._wait_for_leader(process, folder / "console.log")

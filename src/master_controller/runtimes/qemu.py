@@ -145,6 +145,7 @@ class QemuRuntime(HostedRuntime):
         ``launch`` opens (``/dev/fdset/N`` for block and chardev files, whose access mode
         QEMU checks; ``/proc/self/fd/N`` for the kernel and initrd, which it reads by name)."""
         accel = guest.resources.get("accel", "tcg")
+        merge = "on" if self.settings.guest_memory_merging else "off"
         for boot_file in (guest.resources["kernel"], guest.resources["initrd"]):
             if not os.stat(boot_file).st_mode & 0o004:
                 raise GuestStartFailed(
@@ -159,7 +160,8 @@ class QemuRuntime(HostedRuntime):
             shutil.which(QEMU) or QEMU,
             "-name", f"mc-{guest.guest_id[:40]}",
             "-sandbox", SANDBOX,
-            "-machine", f"q35,accel={accel}",
+            # explicit either way: QEMU's default (on) left it to the host's ksmd
+            "-machine", f"q35,accel={accel},mem-merge={merge}",
             "-cpu", "host" if accel == "kvm" else "max",
             "-smp", str(self.settings.vm_cpus),
             "-m", str(self.settings.vm_memory_mib),
