@@ -70,7 +70,7 @@ async def boot(runtime: ContainerRuntime, image_id: str) -> GuestState:
         GuestSecrets(vnc_password=PASSWORD, agent_token=secrets.token_hex(16)),
     )
     await runtime.start(guest)
-    url = runtime.endpoint(guest).websocket_url
+    url = runtime.endpoint(guest).vnc_url
     deadline = asyncio.get_running_loop().time() + 240
     await poll(lambda: non_blank_frame(url, PASSWORD, deadline), deadline, 0.5)
     return runtime.load(guest.guest_id)

@@ -50,6 +50,9 @@ def unit_path(root: Path, name: str) -> Path | None:
     return None
 
 
-def is_enabled(root: Path, name: str, target: str = "multi-user.target") -> bool:
-    link = root / "etc/systemd/system" / f"{target}.wants" / name
-    return link.is_symlink() or link.is_file()
+def is_enabled(root: Path, name: str, target: str | None = None) -> bool:
+    """Whether ``name`` is enabled in ``target`` (None: in any target, as its [Install]
+    section chose: a service in multi-user.target, a socket in sockets.target)."""
+    folder = root / "etc/systemd/system"
+    links = [folder / f"{target}.wants" / name] if target else folder.glob(f"*.wants/{name}")
+    return any(link.is_symlink() or link.is_file() for link in links)
