@@ -11,7 +11,7 @@ import secrets
 import subprocess
 import time
 from collections.abc import Iterator
-from ipaddress import ip_address
+from ipaddress import IPv4Network, ip_address, ip_network
 from pathlib import Path
 
 import pytest
@@ -182,11 +182,26 @@ async def test_guests_cannot_reach_each_other_or_the_host(
     assert not {entry.split(" . ")[0] for entry in _allowances()} & _links(a, b)
 
 
+def _unused_link_network() -> IPv4Network:
+    """A /30 of the benchmarking range (198.18.0.0/15) that no address or route of this host
+    touches (the host's own network could be anything, even a documentation range)."""
+    listing = " ".join(
+        subprocess.run(["ip", "-4", *what], capture_output=True, text=True).stdout
+        for what in (("addr",), ("route",))
+    )
+    used = [ip_network(n, strict=False) for n in re.findall(r"\d+\.\d+\.\d+\.\d+/\d+", listing)]
+    for candidate in ip_network("198.18.250.0/24").subnets(new_prefix=30):
+        if not any(candidate.overlaps(net) for net in used):
+            return candidate
+    raise AssertionError("no free /30 in 198.18.250.0/24 on this host")
+
+
 @contextlib.contextmanager
 def _neighbour() -> Iterator[tuple[str, str]]:
     """A network namespace behind a veth to the host (not a guest link), routed through the
-    host: (its name, the host's address on its link). 192.0.2.0/30 is TEST-NET-1."""
+    host: (its name, the host's address on its link)."""
     name, link = f"mc-test-nb-{os.getpid()}", f"mctnb{os.getpid() % 100000}"
+    host_end, far_end = (str(a) for a in list(_unused_link_network().hosts())[:2])
 
     def ip(*argv: str) -> None:
         subprocess.run(["ip", *argv], check=True, capture_output=True, timeout=10)
@@ -194,13 +209,13 @@ def _neighbour() -> Iterator[tuple[str, str]]:
     ip("netns", "add", name)
     try:
         ip("link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", name)
-        ip("addr", "add", "192.0.2.1/30", "dev", link)
+        ip("addr", "add", f"{host_end}/30", "dev", link)
         ip("link", "set", link, "up")
-        ip("-n", name, "addr", "add", "192.0.2.2/30", "dev", "eth0")
+        ip("-n", name, "addr", "add", f"{far_end}/30", "dev", "eth0")
         ip("-n", name, "link", "set", "eth0", "up")
         ip("-n", name, "link", "set", "lo", "up")
-        ip("-n", name, "route", "add", "default", "via", "192.0.2.1")
-        yield name, "192.0.2.1"
+        ip("-n", name, "route", "add", "default", "via", host_end)
+        yield name, host_end
     finally:
         subprocess.run(["ip", "link", "del", link], capture_output=True, timeout=10)
         ip("netns", "del", name)

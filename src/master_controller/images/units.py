@@ -54,5 +54,10 @@ def is_enabled(root: Path, name: str, target: str | None = None) -> bool:
     """Whether ``name`` is enabled in ``target`` (None: in any target, as its [Install]
     section chose: a service in multi-user.target, a socket in sockets.target)."""
     folder = root / "etc/systemd/system"
-    links = [folder / f"{target}.wants" / name] if target else folder.glob(f"*.wants/{name}")
-    return any(link.is_symlink() or link.is_file() for link in links)
+    if target:
+        wants = [folder / f"{target}.wants"]
+    else:  # not glob(): it drops links that point outside (absolute, into the guest's /)
+        wants = (
+            [d for d in folder.iterdir() if d.name.endswith(".wants")] if folder.is_dir() else []
+        )
+    return any((d / name).is_symlink() or (d / name).is_file() for d in wants)
