@@ -1,8 +1,9 @@
 """Memory per container guest, as proportional set size (PSS): every process in the guest's
 PID namespace, each shared page split among the processes that share it, so the guests'
-sums add up to what they cost together. Measured idle (after the first frame, settled) and
+sums add up to what they cost together. Measured idle (after the first frame, settled),
 with a page open in its Chromium (a new tab; the page is Chromium's own error page, the
-only one a guest can load here).
+only one a guest can load here), and with websockify started (it is socket-activated: it
+runs only while noVNC inside the guest is used, and exits 30 s after its last client).
 
     .venv/bin/python -m bench.memory [--guests N] [--settle S]
 
@@ -27,7 +28,8 @@ from master_controller.agent_client import GuestAgent
 from master_controller.runtimes.base import GuestSecrets, GuestState
 from master_controller.runtimes.container import ContainerRuntime
 from master_controller.settings import Settings
-from master_controller.viewing.readiness import non_blank_frame, poll
+from master_controller.viewing.readiness import non_blank_frame, poll, websocket_upgrade
+from mc_agent import WEBSOCKIFY_PORT
 
 RESULTS = Path(__file__).parent / "results"
 PASSWORD = "benchpw1"
@@ -60,6 +62,8 @@ def measure(guest: GuestState) -> dict[str, Any]:
     return {
         "pss_mib": round(sum(processes.values()) / 1024, 1),
         "largest_mib": {name: round(kib / 1024, 1) for name, kib in top},
+        # socket-activated: 0 until someone opens noVNC in the guest (it ran always before)
+        "websockify_mib": round(processes.get("websockify", 0) / 1024, 1),
     }
 
 
@@ -88,14 +92,26 @@ async def run(settings: Settings, image_id: str, count: int, settle: float) -> d
             await GuestAgent(runtime, guest).open_url("http://mc-bench.invalid/")
         await asyncio.sleep(settle)
         page = [measure(g) for g in guests]
+        # what websockify costs once started (a WebSocket to 6080, as noVNC in the guest
+        # would open): it stays 30 s after its last client, then exits
+        for guest in guests:
+            await websocket_upgrade(runtime.endpoint(guest).address, WEBSOCKIFY_PORT)
+        await asyncio.sleep(2)
+        started = [measure(g) for g in guests]
     finally:
         for guest in guests:
             await runtime.destroy(guest)
     return {
         "idle_pss_mib": summary([m["pss_mib"] for m in idle]),
         "with_page_pss_mib": summary([m["pss_mib"] for m in page]),
+        "websockify_started_pss_mib": summary([m["pss_mib"] for m in started]),
+        "websockify_mib": {
+            "idle": summary([m["websockify_mib"] for m in idle]),
+            "started": summary([m["websockify_mib"] for m in started]),
+        },
         "idle": idle,
         "with_page": page,
+        "websockify_started": started,
     }
 
 

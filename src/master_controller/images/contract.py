@@ -76,6 +76,9 @@ BROWSER_UNITS = (
             ":1",
             "-rfbport",
             str(VNC_PORT),
+            # no reverse DNS of clients: the guest has no DNS, and the lookup of the host's
+            # address (the relay's) froze x11vnc for its resolver's timeout
+            "-nolookup",
             "-forever",
             "-shared",
             # no clipboard over VNC: nothing copied in the guest may reach a viewer

@@ -48,9 +48,9 @@ GUEST_SILENT = (
 MAX_VIEWER_MESSAGE = 256 * 1024
 VIEWER_TOO_BIG = (CloseCode.MESSAGE_TOO_BIG, f"a viewer message over {MAX_VIEWER_MESSAGE} bytes")
 HANDSHAKE_SECONDS = 30.0  # a viewer must finish its RFB handshake within this
+GUEST_HANDSHAKE_SECONDS = 15.0  # and the guest its side, through to ServerInit
 # a guest that takes none of a viewer's bytes for this long is silent (as TCP's own timeout)
 GUEST_SILENT_SECONDS = float(SILENT_SECONDS)
-GUEST_HANDSHAKE_SECONDS = 15.0  # and the guest its side, through to ServerInit
 # how the relay ended on the guest's side -> what the viewer is told
 GUEST_ENDINGS = {
     "guest": GUEST_CLOSED,
