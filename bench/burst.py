@@ -1,6 +1,6 @@
 """Many container guests started at once, straight through the runtime (no controller):
 each is created and started together (or ``--concurrency`` at a time), then its viewer path
-is checked (a non-blank frame through its websockify with its VNC password) until the boot
+is checked (a non-blank frame from its VNC server, as the relay reaches it) until the boot
 timeout; a guest that dies is reported with the runtime's diagnostics. All are destroyed.
 
     flock /tmp/mc-integration.lock .venv/bin/python -m bench.burst --guests 40 [--concurrency N]
@@ -56,7 +56,7 @@ async def one(
             started = time.monotonic()
             await runtime.start(guest)
             out["start_s"] = round(time.monotonic() - started, 2)
-            url = runtime.endpoint(guest).websocket_url
+            url = runtime.endpoint(guest).vnc_url
             deadline = started + boot_timeout
             password = guest.secrets.vnc_password
             await poll(

@@ -1,7 +1,9 @@
 """Controller figures: POST to ready, POST to first frame in a real browser, and the viewer
-proxy's throughput relaying a VNC stream compared with websockify relaying the same stream.
+proxy's throughput relaying a VNC stream, side by side in one run with the direct paths:
+a client straight to the guest's x11vnc over TCP, and straight to its websockify (noVNC's
+path inside the guest, WebSocket like the proxy's), each measured in alternating rounds.
 
-    .venv/bin/python -m bench.controller [--sessions N] [--frames N]
+    .venv/bin/python -m bench.controller [--sessions N] [--frames N] [--rounds N]
 
 Needs a promoted image in the bench data dir (run bench/images.py first, or it is built).
 Prints the figures and saves them to bench/results/controller.json.
@@ -30,7 +32,7 @@ from master_controller.images.store import ImageStore
 from master_controller.runtimes.container import ContainerRuntime
 from master_controller.settings import Settings
 from master_controller.verification import Verifier
-from master_controller.viewing.guest_socket import rfb_over_websocket
+from master_controller.viewing.guest_socket import rfb_connect
 from tests.servers import Controller, controller
 
 RESULTS = Path(__file__).parent / "results" / "controller.json"
@@ -79,7 +81,7 @@ async def pull_frames(
     url: str, password: str | None, headers: dict[str, str] | None, frames: int
 ) -> tuple[float, int]:
     """Fetch ``frames`` full raw framebuffers; returns (seconds, bytes)."""
-    async with rfb_over_websocket(url, password, timeout=30, headers=headers) as client:
+    async with rfb_connect(url, password, timeout=30, headers=headers) as client:
         await client.frame()  # warm up
         started = time.monotonic()
         total = 0
@@ -132,35 +134,46 @@ def measure_sessions(ctl: Controller, count: int) -> dict[str, Any]:
     }
 
 
-def measure_proxy(ctl: Controller, settings: Settings, frames: int) -> dict[str, Any]:
+def measure_proxy(ctl: Controller, settings: Settings, frames: int, rounds: int) -> dict[str, Any]:
+    """Raw full frames pulled over each path, the paths alternating round by round (so a
+    guest or host that slows down meanwhile slows them all alike); the controller's CPU
+    time per MiB on each (nothing but the proxy uses it on the direct paths)."""
     body = ctl.request("POST", "/api/auth/start", json={"userId": "tp", "provider": "codex"}).json()
     sid = body["sessionId"]
     while ctl.request("GET", f"/api/auth/session/{sid}").json()["status"] != "ready":
         time.sleep(0.1)
+    time.sleep(10)  # the guest's Chromium settles (its start-up takes the CPU the paths want)
     guest = json.loads((settings.guests_dir / sid / "state.json").read_text())
-    direct_url = f"ws://{guest['address']}:6080/"
+    password = guest["secrets"]["vnc_password"]
     proxied_url, headers = ctl.viewer(sid)
+    paths = {
+        "vnc_direct": (f"vnc://{guest['address']}:5900", password, None),
+        "websockify_direct": (f"ws://{guest['address']}:6080/", password, None),
+        "controller_proxy": (proxied_url, None, headers),
+    }
     assert ctl.process is not None
-    results: dict[str, Any] = {}
-    for name, url, password, hdrs in (
-        ("websockify_direct", direct_url, guest["secrets"]["vnc_password"], None),
-        ("controller_proxy", proxied_url, None, headers),
-    ):
-        cpu_before = cpu_seconds(ctl.process.pid)
-        seconds, total = asyncio.run(pull_frames(url, password, hdrs, frames))
-        cpu = cpu_seconds(ctl.process.pid) - cpu_before
+    totals = {name: [0.0, 0, 0.0] for name in paths}  # seconds, bytes, controller CPU
+    for _ in range(rounds):
+        for name, (url, secret, hdrs) in paths.items():
+            cpu_before = cpu_seconds(ctl.process.pid)
+            seconds, total = asyncio.run(pull_frames(url, secret, hdrs, frames))
+            totals[name][0] += seconds
+            totals[name][1] += total
+            totals[name][2] += cpu_seconds(ctl.process.pid) - cpu_before
+    results: dict[str, Any] = {"rounds": rounds, "frames_per_round": frames}
+    for name, (seconds, total, cpu) in totals.items():
         mib = total / 2**20
         results[name] = {
             "mib": round(mib, 1),
             "seconds": round(seconds, 2),
             "mib_per_second": round(mib / seconds, 1),
-            "controller_cpu_seconds_per_mib": round(cpu / mib, 4),
+            "controller_cpu_ms_per_mib": round(cpu * 1000 / mib, 2),
         }
-    results["proxy_vs_direct"] = round(
-        results["controller_proxy"]["mib_per_second"]
-        / results["websockify_direct"]["mib_per_second"],
-        2,
+    speed = {name: results[name]["mib_per_second"] for name in paths}
+    results["proxy_vs_websockify_direct"] = round(
+        speed["controller_proxy"] / speed["websockify_direct"], 2
     )
+    results["proxy_vs_vnc_direct"] = round(speed["controller_proxy"] / speed["vnc_direct"], 2)
     ctl.request("POST", f"/api/auth/session/{sid}/cancel")
     return results
 
@@ -170,15 +183,17 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("/var/lib/master-controller-bench"))
     parser.add_argument("--sessions", type=int, default=5)
     parser.add_argument("--frames", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     settings = Settings(data_dir=args.data_dir, guest_network="10.213.208.0/20")
     figures: dict[str, Any] = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "image": ensure_image(settings),
     }
-    with bench_controller(settings, max_sessions="3") as ctl:
+    # rate limit off: the bench polls the session every 20 ms
+    with bench_controller(settings, max_sessions="3", rate_limit_per_minute="0") as ctl:
         figures.update(measure_sessions(ctl, args.sessions))
-        figures["throughput_raw_frames"] = measure_proxy(ctl, settings, args.frames)
+        figures["throughput_raw_frames"] = measure_proxy(ctl, settings, args.frames, args.rounds)
     save(figures, RESULTS)
 
 

@@ -47,7 +47,7 @@ async def measure(runtime: Runtime, image_id: str) -> dict[str, Any]:
     guest_disk = sum(p.stat().st_blocks * 512 for p in folder.rglob("*") if p.is_file())
     try:
         await runtime.start(guest)
-        url = runtime.endpoint(guest).websocket_url
+        url = runtime.endpoint(guest).vnc_url
         cold = await first_frame(runtime, url, started)
         started = time.monotonic()
         await runtime.hibernate(guest)

@@ -53,7 +53,7 @@ async def boot_once(runtime: ContainerRuntime, image_id: str) -> dict[str, float
         await poll(lambda: websocket_upgrade(endpoint.address, 6080), deadline, interval=0.05)
         ws101 = time.monotonic() - started
         await poll(
-            lambda: non_blank_frame(endpoint.websocket_url, "benchpw1", deadline),
+            lambda: non_blank_frame(endpoint.vnc_url, "benchpw1", deadline),
             deadline,
             interval=0.05,
         )

@@ -132,7 +132,7 @@ def main() -> None:
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "image": ensure_image(settings),
         "runtime": "container",
-        "path": "Playwright key press -> noVNC -> controller proxy -> websockify -> x11vnc -> "
+        "path": "Playwright key press -> noVNC -> controller proxy -> (TCP) x11vnc -> "
         "Chromium repaints -> x11vnc -> proxy -> noVNC draws",
     }
     with bench_controller(settings) as ctl:

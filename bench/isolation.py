@@ -47,7 +47,7 @@ async def one_guest(runtime: ContainerRuntime, image_id: str) -> dict[str, float
     started = time.monotonic()
     try:
         await runtime.start(guest, steps)
-        url = runtime.endpoint(guest).websocket_url
+        url = runtime.endpoint(guest).vnc_url
         deadline = started + 120
         await poll(lambda: non_blank_frame(url, PASSWORD, deadline), deadline, 0.1)
         first_frame = time.monotonic() - started

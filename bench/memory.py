@@ -4,8 +4,10 @@ which a count by the guest's PID namespace missed, about 95 MiB per guest before
 each shared page split among the processes that share it, so the guests' sums add up to
 what they cost together. Shared file pages (the image's libraries, one copy in the page cache
 for every guest) divide among more guests as more run: the figure falls with the count.
-Measured idle (after the first frame, settled) and with a page open in its Chromium (a new
-tab; the page is Chromium's own error page, the only one a guest can load here).
+Measured idle (after the first frame, settled), with a page open in its Chromium (a new
+tab; the page is Chromium's own error page, the only one a guest can load here), and with
+websockify started (it is socket-activated: it runs only while noVNC inside the guest is
+used, and exits 30 s after its last client).
 
     .venv/bin/python -m bench.memory [--guests N] [--settle S] [--memory-merging]
 
@@ -34,7 +36,8 @@ from master_controller.runtimes import cgroups, memmerge
 from master_controller.runtimes.base import GuestSecrets, GuestState
 from master_controller.runtimes.container import ContainerRuntime
 from master_controller.settings import Settings
-from master_controller.viewing.readiness import non_blank_frame, poll
+from master_controller.viewing.readiness import non_blank_frame, poll, websocket_upgrade
+from mc_agent import WEBSOCKIFY_PORT
 
 RESULTS = Path(__file__).parent / "results"
 PASSWORD = "benchpw1"
@@ -73,6 +76,8 @@ def measure(guest: GuestState) -> dict[str, Any]:
         "pss_mib": round(sum(processes.values()) / 1024, 1),
         **{f"{kind.lower()}_mib": round(kinds.get(kind, 0) / 1024, 1) for kind in KINDS},
         "largest_mib": {name: round(kib / 1024, 1) for name, kib in top},
+        # socket-activated: 0 until someone opens noVNC in the guest (it ran always before)
+        "websockify_mib": round(processes.get("websockify", 0) / 1024, 1),
     }
 
 
@@ -83,7 +88,7 @@ async def boot(runtime: ContainerRuntime, image_id: str) -> GuestState:
         GuestSecrets(vnc_password=PASSWORD, agent_token=secrets.token_hex(16)),
     )
     await runtime.start(guest)
-    url = runtime.endpoint(guest).websocket_url
+    url = runtime.endpoint(guest).vnc_url
     deadline = asyncio.get_running_loop().time() + 240
     await poll(lambda: non_blank_frame(url, PASSWORD, deadline), deadline, 0.5)
     return runtime.load(guest.guest_id)
@@ -115,14 +120,26 @@ async def run(settings: Settings, image_id: str, count: int, settle: float) -> d
         if settings.guest_memory_merging:
             await ksm_scans(2)
         page = [measure(g) for g in guests]
+        # what websockify costs once started (a WebSocket to 6080, as noVNC in the guest
+        # would open): it stays 30 s after its last client, then exits
+        for guest in guests:
+            await websocket_upgrade(runtime.endpoint(guest).address, WEBSOCKIFY_PORT)
+        await asyncio.sleep(2)
+        started = [measure(g) for g in guests]
     finally:
         for guest in guests:
             await runtime.destroy(guest)
     return {
         "idle_pss_mib": summary([m["pss_mib"] for m in idle]),
         "with_page_pss_mib": summary([m["pss_mib"] for m in page]),
+        "websockify_started_pss_mib": summary([m["pss_mib"] for m in started]),
+        "websockify_mib": {
+            "idle": summary([m["websockify_mib"] for m in idle]),
+            "started": summary([m["websockify_mib"] for m in started]),
+        },
         "idle": idle,
         "with_page": page,
+        "websockify_started": started,
     }
 
 

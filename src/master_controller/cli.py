@@ -350,6 +350,10 @@ def serve(
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,
         ws_max_size=MAX_VIEWER_MESSAGE,  # larger viewer frames are closed 1009 by uvicorn
+        # no permessage-deflate: what the relay sends is the guest's RFB, compressed already
+        # (noVNC asks for Tight/ZRLE); deflating it again cost the controller most of its
+        # CPU per MiB relayed and saved the viewer little
+        ws_per_message_deflate=False,
         **forwarded_options(settings),
         log_level="info",
         log_config=log_config(settings.log_format),

@@ -3,8 +3,9 @@
 Static checks read the image: its manifest against its recipe and the browser contract
 (:mod:`.contract`), the unit files with their ExecStart and ordering, localhost resolution,
 kernel, initrd and agent digests. Boot checks boot it in a runtime and look from outside the
-guest: WebSocket 101 with the right accept value, RFB 3.8 with the guest's password, a
-frame that is not blank, a Chromium window on :1, the agent's health. Results, each with its
+guest: WebSocket 101 with the right accept value from its (socket-activated) websockify,
+RFB 3.8 with the guest's password and a frame that is not blank on the path the relay takes
+(TCP to its VNC server), a Chromium window on :1, the agent's health. Results, each with its
 duration, go to ``verify.json`` next to the image; a failure names what is missing.
 """
 
@@ -32,7 +33,7 @@ from master_controller.images.units import exec_start, is_enabled, parse_unit, u
 from master_controller.runtimes.base import GuestSecrets, GuestState, Runtime
 from master_controller.settings import Settings
 from master_controller.steps import StepLog, StepRecord
-from master_controller.viewing.guest_socket import rfb_over_websocket
+from master_controller.viewing.guest_socket import rfb_connect
 from master_controller.viewing.readiness import (
     agent_health,
     guest_give_up,
@@ -277,15 +278,24 @@ class BootChecks:
         return await poll(check, self.deadline, give_up=self.give_up)
 
     async def websocket_101(self, record: StepRecord) -> None:
+        """websockify (started by its socket on the first connection) upgrades, and relays
+        to the VNC server: noVNC inside the guest works, though the controller's relay does
+        not use it."""
         answer = await self._poll(
             lambda: websocket_upgrade(self.endpoint.address, self.endpoint.websockify_port)
         )
         self.timings[self.prefix + "start_to_websocket_101"] = time.monotonic() - self.started
-        record.detail = f"101, accept {answer['accept']}"
+
+        async def through_websockify() -> bytes:
+            async with rfb_connect(self.endpoint.websocket_url, self.password) as client:
+                return client.version
+
+        version = await self._poll(through_websockify)
+        record.detail = f"101, accept {answer['accept']}; relays {version.decode()}"
 
     async def rfb_handshake(self, record: StepRecord) -> None:
         async def attempt() -> str:
-            async with rfb_over_websocket(self.endpoint.websocket_url, self.password) as client:
+            async with rfb_connect(self.endpoint.vnc_url, self.password) as client:
                 info = client.info
                 assert info is not None
                 if SECURITY_NONE in info.security_types:
@@ -296,7 +306,7 @@ class BootChecks:
 
     async def non_blank_frame(self, record: StepRecord) -> None:
         shot = await self._poll(
-            lambda: non_blank_frame(self.endpoint.websocket_url, self.password, self.deadline)
+            lambda: non_blank_frame(self.endpoint.vnc_url, self.password, self.deadline)
         )
         self.timings[self.prefix + "start_to_first_frame"] = time.monotonic() - self.started
         colours, dominant = shot.stats()
@@ -331,7 +341,7 @@ def _unit_check(rootfs: Path, contract: UnitContract, record: StepRecord) -> Non
         raise VerificationFailed(f"{contract.name} not installed")
     unit = parse_unit(path.read_text())
     argv = exec_start(unit)
-    if not argv or argv[0] != contract.executable:
+    if contract.executable is not None and (not argv or argv[0] != contract.executable):
         raise VerificationFailed(
             f"{contract.name} runs {argv[0] if argv else 'nothing'}, not {contract.executable}"
         )
@@ -347,6 +357,12 @@ def _unit_check(rootfs: Path, contract: UnitContract, record: StepRecord) -> Non
     after = " ".join(unit.get("Unit", {}).get("After", [])).split()
     if unordered := [u for u in contract.after if u not in after]:
         raise VerificationFailed(f"{contract.name} is not ordered after {' '.join(unordered)}")
-    if not is_enabled(rootfs, contract.name):
-        raise VerificationFailed(f"{contract.name} is not enabled in multi-user.target")
-    record.detail = " ".join(argv[:4]) + (" ..." if len(argv) > 4 else "")
+    for setting in contract.settings:
+        section, _, rest = setting.partition(".")
+        key, _, value = rest.partition("=")
+        if value not in unit.get(section, {}).get(key, []):
+            raise VerificationFailed(f"{contract.name} lacks {key}={value} in [{section}]")
+    if contract.enabled_in and not is_enabled(rootfs, contract.name, contract.enabled_in):
+        raise VerificationFailed(f"{contract.name} is not enabled in {contract.enabled_in}")
+    shown = argv or [s.partition(".")[2] for s in contract.settings]
+    record.detail = " ".join(shown[:4]) + (" ..." if len(shown) > 4 else "")

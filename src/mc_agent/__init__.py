@@ -8,6 +8,6 @@ serves the agent's HTTP API.
 
 # The guest's ports, declared once: the image's units listen on them (checked by the image
 # contract) and the controller reaches the guest on them.
-VNC_PORT = 5900  # x11vnc, on the guest's loopback only
-WEBSOCKIFY_PORT = 6080  # websockify -> VNC_PORT, what the relay connects to
+VNC_PORT = 5900  # x11vnc, on the guest's address: what the relay connects to (host only)
+WEBSOCKIFY_PORT = 6080  # websockify -> VNC_PORT, socket-activated (noVNC in the guest)
 AGENT_PORT = 8080

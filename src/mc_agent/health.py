@@ -17,17 +17,18 @@ MAX_WINDOWS = 64
 MAX_TITLE = 256
 MAX_CLASS = 64
 
-# unit -> Debian package whose version is reported
+# unit -> Debian package whose version is reported. websockify is socket-activated: its
+# service runs only while someone uses it, so its socket (listening) is what is watched.
 SERVICES: dict[str, str] = {
     "xvfb.service": "xvfb",
     "openbox.service": "openbox",
     "x11vnc.service": "x11vnc",
-    "websockify.service": "websockify",
+    "websockify.socket": "websockify",
     "chromium.service": "chromium",
 }
 # unit -> the TCP port it serves: "active" only says the process runs; a viewer needs the
 # port to accept (a restarted x11vnc is active a moment before it listens)
-LISTENS: dict[str, int] = {"x11vnc.service": VNC_PORT, "websockify.service": WEBSOCKIFY_PORT}
+LISTENS: dict[str, int] = {"x11vnc.service": VNC_PORT, "websockify.socket": WEBSOCKIFY_PORT}
 TCP_LISTEN = "0A"  # the state column of /proc/net/tcp for a listening socket
 
 
@@ -66,7 +67,7 @@ def _summarise(unit: str, props: dict[str, str]) -> dict[str, str]:
     if load == "not-found":
         summary = f"{unit} not installed"
     elif active == "active":
-        summary = f"{unit} running"
+        summary = f"{unit} {'listening' if unit.endswith('.socket') else 'running'}"
     else:
         summary = f"{unit} {active} ({props.get('SubState', '?')})"
     return {"load": load, "active": active, "sub": props.get("SubState", ""), "summary": summary}
@@ -139,7 +140,7 @@ def report() -> dict[str, Any]:
     versions = package_versions(tuple(SERVICES.values()))
     services = {}
     for unit, package in SERVICES.items():
-        services[unit.removesuffix(".service")] = {**states[unit], "version": versions[package]}
+        services[unit.rpartition(".")[0]] = {**states[unit], "version": versions[package]}
     wins = windows()
     down = [s["summary"] for s in services.values() if s["active"] != "active"]
     return {

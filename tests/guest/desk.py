@@ -21,7 +21,7 @@ import httpx
 from master_controller.errors import ProbeError
 from master_controller.runtimes.base import GuestSecrets, GuestState
 from master_controller.runtimes.container import ContainerRuntime
-from master_controller.viewing.guest_socket import rfb_over_websocket
+from master_controller.viewing.guest_socket import rfb_connect
 from master_controller.viewing.readiness import agent_health, poll
 from master_controller.viewing.rfb import Frame
 
@@ -107,9 +107,7 @@ class Desk:
         self.keys("Delete", "Return")  # Delete: drop an inline autocompletion
 
     async def frame(self) -> Frame:
-        async with rfb_over_websocket(
-            self.endpoint.websocket_url, self.guest.secrets.vnc_password
-        ) as client:
+        async with rfb_connect(self.endpoint.vnc_url, self.guest.secrets.vnc_password) as client:
             return await client.frame()
 
     async def wait_for_title(

@@ -87,7 +87,7 @@ async def test_login_shows_its_terminal_and_opens_its_sign_in_url(
             return health
 
         await poll(both_windows, time.monotonic() + 30, interval=0.5)
-        frame = await non_blank_frame(endpoint.websocket_url, "clilogin", time.monotonic() + 10)
+        frame = await non_blank_frame(endpoint.vnc_url, "clilogin", time.monotonic() + 10)
         assert not frame.is_blank()
         status = await agent.credential_status()
         assert status["valid"] is False and status["reason"] == "no credential file yet"

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from master_controller.digests import tree_digest
 from master_controller.images.builder import path_in_root, replace_file
-from master_controller.images.units import exec_start, parse_unit
+from master_controller.images.units import exec_start, is_enabled, parse_unit
 
 
 def test_symlinks_never_lead_outside_the_root(tmp_path: Path) -> None:
@@ -61,3 +61,16 @@ def test_unit_parsing() -> None:
     )
     assert exec_start(unit) == ["/usr/bin/x", "--flag", "value", "two words"]
     assert unit["Service"]["Environment"] == ["DISPLAY=:1"]
+
+
+def test_a_unit_is_enabled_in_the_target_its_link_is_in(tmp_path: Path) -> None:
+    """Links point into the guest's own / (absolute), so they dangle on the host."""
+    system = tmp_path / "etc/systemd/system"
+    (system / "sockets.target.wants").mkdir(parents=True)
+    (system / "multi-user.target.wants").mkdir()
+    (system / "sockets.target.wants/a.socket").symlink_to("/etc/systemd/system/a.socket")
+    assert is_enabled(tmp_path, "a.socket")
+    assert is_enabled(tmp_path, "a.socket", "sockets.target")
+    assert not is_enabled(tmp_path, "a.socket", "multi-user.target")
+    assert not is_enabled(tmp_path, "b.service")
+    assert not is_enabled(tmp_path / "nothing", "a.socket")

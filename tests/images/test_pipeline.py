@@ -40,7 +40,10 @@ def test_golden_image_is_verified_and_current(
         assert check in names
     manifest = info.manifest
     assert {"xvfb", "x11vnc", "websockify", "chromium"} <= set(manifest["packages"])
-    assert all(u["enabled"] for u in manifest["units"])
+    enabled = {u["name"]: u["enabled"] for u in manifest["units"]}
+    # websockify is started by its socket on first use (costs nothing until then)
+    assert enabled.pop("websockify.service") is False and enabled["websockify.socket"]
+    assert all(enabled.values()), enabled
     assert (info.path / "vmlinuz").is_file() and (info.path / "initrd.img").is_file()
     assert info.disk.stat().st_size > 0 and (info.path / "build.log").stat().st_size > 0
 
@@ -60,7 +63,13 @@ def test_incident_regression_image_without_vnc(
     result = asyncio.run(Verifier(settings, runtime).verify(broken.image_id))
     assert not result["passed"]
     failures = "\n".join(result["failures"])
-    for unit in ("xvfb.service", "openbox.service", "x11vnc.service", "websockify.service"):
+    for unit in (
+        "xvfb.service",
+        "openbox.service",
+        "x11vnc.service",
+        "websockify.socket",
+        "websockify.service",
+    ):
         assert f"{unit} not installed" in failures
     # the boot checks gave up early with the agent's word, not after a long timeout
     ws_check = next(c for c in result["checks"] if c["name"] == "websocket 101 on 6080")

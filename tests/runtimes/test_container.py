@@ -11,7 +11,7 @@ import secrets
 import subprocess
 import time
 from collections.abc import Iterator
-from ipaddress import ip_address
+from ipaddress import IPv4Network, ip_address, ip_network
 from pathlib import Path
 
 import pytest
@@ -20,12 +20,14 @@ from master_controller.errors import GuestStartFailed, GuestStateError, ProbeErr
 from master_controller.runtimes import cgroups, disklayer, idmap
 from master_controller.runtimes.base import GuestSecrets, GuestState, GuestStatus
 from master_controller.runtimes.container import ContainerRuntime, image_view
+from master_controller.viewing.guest_socket import rfb_connect
 from master_controller.viewing.readiness import (
     non_blank_frame,
     poll,
-    rfb_over_websocket,
+    rfb_handshake,
     websocket_upgrade,
 )
+from mc_agent import VNC_PORT
 from tests.runtimes.leaks import HostSnapshot, wait_until_back
 
 pytestmark = pytest.mark.integration
@@ -77,15 +79,21 @@ async def test_boot_view_and_destroy_leaves_nothing(
         if line.startswith("NSpid:")
     )
     assert nspid.split()[-1] == "1"  # the recorded leader is the container's PID 1
-    url = runtime.endpoint(guest).websocket_url
+    url = runtime.endpoint(guest).vnc_url
     frame = await poll(
         lambda: non_blank_frame(url, guest.secrets.vnc_password, time.monotonic() + 30),
         time.monotonic() + 60,
     )
     assert not frame.is_blank() and (frame.width, frame.height) == (1280, 800)
-    with pytest.raises(ProbeError, match="authentication failed"):
-        async with rfb_over_websocket(url, "wrongpw1"):
-            pass
+    # x11vnc listens on the guest's address now: straight or through websockify, a wrong
+    # password gets nothing, and no password is not on offer
+    for guest_url in (url, runtime.endpoint(guest).websocket_url):
+        with pytest.raises(ProbeError, match="authentication failed"):
+            async with rfb_connect(guest_url, "wrongpw1"):
+                pass
+        with pytest.raises(ProbeError, match="requires authentication"):
+            async with rfb_connect(guest_url, None):
+                pass
     with pytest.raises(GuestStateError):
         await runtime.start(guest)  # already running
     await runtime.destroy(guest)
@@ -173,13 +181,25 @@ async def test_guests_cannot_reach_each_other_or_the_host(
     try:
         ns_a = a.resources["namespace"]
         assert await _connects_from(ns_a, a.address or "", 6080)  # its own service: yes
-        assert not await _connects_from(ns_a, b.address or "", 6080)  # the other guest: no
-        assert not await _connects_from(ns_a, b.address or "", 8080)
+        assert await _connects_from(ns_a, a.address or "", VNC_PORT)
+        # the other guest: no, neither its VNC (on its address, for the relay), nor
+        # websockify, nor its agent
+        for port in (VNC_PORT, 6080, 8080):
+            assert not await _connects_from(ns_a, b.address or "", port), port
         host_end = str(ip_address(a.address or "") - 1)
         assert not await _connects_from(ns_a, host_end, host_port)  # the host's services: no
         assert await _connects_from(ns_a, host_end, egress_port)  # its egress proxy: yes
+        # a neighbour of the host (another container, a machine on its network) routed
+        # through it: reaches the host, never a guest
+        with _neighbour() as (neighbour, host_side):
+            assert await _connects_from(neighbour, host_side, host_port)  # its link works
+            for port in (VNC_PORT, 6080, 8080):
+                assert not await _connects_from(neighbour, b.address or "", port), port
         await websocket_upgrade(b.address or "", 6080)  # while the host reaches both
         await websocket_upgrade(a.address or "", 6080)
+        for guest in (a, b):  # and the relay's path: the VNC handshake, straight over TCP
+            endpoint = runtime.endpoint(guest)
+            await rfb_handshake(endpoint.vnc_url, guest.secrets.vnc_password)
         assert _allowances() >= {f"{link} . {egress_port}" for link in _links(a, b)}
     finally:
         host_service.close()
@@ -187,6 +207,45 @@ async def test_guests_cannot_reach_each_other_or_the_host(
         await asyncio.gather(runtime.destroy(a), runtime.destroy(b))
     # the allowance goes with the guest: no port stays open to guests that come later
     assert not {entry.split(" . ")[0] for entry in _allowances()} & _links(a, b)
+
+
+def _unused_link_network() -> IPv4Network:
+    """A /30 of the benchmarking range (198.18.0.0/15) that no address or route of this host
+    touches (the host's own network could be anything, even a documentation range)."""
+    listing = " ".join(
+        subprocess.run(["ip", "-4", *what], capture_output=True, text=True).stdout
+        for what in (("addr",), ("route",))
+    )
+    used = [ip_network(n, strict=False) for n in re.findall(r"\d+\.\d+\.\d+\.\d+/\d+", listing)]
+    for candidate in ip_network("198.18.250.0/24").subnets(new_prefix=30):
+        if not any(candidate.overlaps(net) for net in used):
+            return candidate
+    raise AssertionError("no free /30 in 198.18.250.0/24 on this host")
+
+
+@contextlib.contextmanager
+def _neighbour() -> Iterator[tuple[str, str]]:
+    """A network namespace behind a veth to the host (not a guest link), routed through the
+    host: (its name, the host's address on its link)."""
+    name, link = f"mc-test-nb-{os.getpid()}", f"mctnb{os.getpid() % 100000}"
+    host_end, far_end = (str(a) for a in list(_unused_link_network().hosts())[:2])
+
+    def ip(*argv: str) -> None:
+        subprocess.run(["ip", *argv], check=True, capture_output=True, timeout=10)
+
+    ip("netns", "add", name)
+    try:
+        ip("link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", name)
+        ip("addr", "add", f"{host_end}/30", "dev", link)
+        ip("link", "set", link, "up")
+        ip("-n", name, "addr", "add", f"{far_end}/30", "dev", "eth0")
+        ip("-n", name, "link", "set", "eth0", "up")
+        ip("-n", name, "link", "set", "lo", "up")
+        ip("-n", name, "route", "add", "default", "via", host_end)
+        yield name, host_end
+    finally:
+        subprocess.run(["ip", "link", "del", link], capture_output=True, timeout=10)
+        ip("netns", "del", name)
 
 
 def _links(*guests: GuestState) -> set[str]:

@@ -141,7 +141,7 @@ async def test_forty_guests_at_once_all_show_a_frame(
             guests.append(guest)
             started = time.monotonic()
             await runtime.start(guest)
-            url, password = runtime.endpoint(guest).websocket_url, guest.secrets.vnc_password
+            url, password = runtime.endpoint(guest).vnc_url, guest.secrets.vnc_password
             deadline = started + BOOT_TIMEOUT
             await poll(
                 lambda: non_blank_frame(url, password, deadline),

@@ -71,7 +71,7 @@ async def show_page(booted: Booted) -> None:
     endpoint = runtime.endpoint(guest)
     deadline = booted.started_at + BOOT_SECONDS
     frame = await poll(
-        lambda: non_blank_frame(endpoint.websocket_url, VNC_PASSWORD, deadline), deadline, 1.0
+        lambda: non_blank_frame(endpoint.vnc_url, VNC_PASSWORD, deadline), deadline, 1.0
     )
     assert (frame.width, frame.height) == (1280, 800) and not frame.is_blank()
     booted.boot_seconds = time.monotonic() - booted.started_at
@@ -85,7 +85,7 @@ async def show_page(booted: Booted) -> None:
     deadline = time.monotonic() + RESUME_SECONDS
     health = await poll(lambda: _page_shown(runtime, guest), deadline)
     assert any(w["class"] == "Chromium" for w in health["windows"])
-    frame = await non_blank_frame(endpoint.websocket_url, VNC_PASSWORD, deadline)
+    frame = await non_blank_frame(endpoint.vnc_url, VNC_PASSWORD, deadline)
     assert magenta_share(frame.pixels) > 0.3
     booted.health = health
 
@@ -135,7 +135,7 @@ async def hibernate_and_resume(
     endpoint = runtime.endpoint(guest)
     deadline = time.monotonic() + RESUME_SECONDS
     frame = await poll(
-        lambda: non_blank_frame(endpoint.websocket_url, VNC_PASSWORD, deadline), deadline, 0.5
+        lambda: non_blank_frame(endpoint.vnc_url, VNC_PASSWORD, deadline), deadline, 0.5
     )
     assert magenta_share(frame.pixels) > 0.3  # the page is still on screen
     after = await poll(lambda: _page_shown(runtime, guest), deadline)

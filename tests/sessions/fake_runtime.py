@@ -447,8 +447,10 @@ class FakeRuntime(Runtime):
     def endpoint(self, guest: GuestState) -> Endpoint:
         if guest.address is None:
             raise GuestNotFound(f"guest {guest.guest_id} has no address")
-        # websockify: a port nothing listens on (the viewer path is checked by the fake)
-        return Endpoint(address=guest.address, websockify_port=9, agent_port=self.agent.port)
+        # VNC and websockify: a port nothing listens on (the viewer path is checked by the fake)
+        return Endpoint(
+            address=guest.address, websockify_port=9, vnc_port=9, agent_port=self.agent.port
+        )
 
     def _set(self, guest: GuestState, status: GuestStatus) -> None:
         guest.status = status
@@ -481,13 +483,13 @@ class FakeViewerPath:
             await gate.opened.wait()
         started = time.monotonic()
         if self.mode == "pass":
-            await record(StepRecord("websocket 101", 0.0, True))
+            await record(StepRecord("vnc handshake", 0.0, True))
             return
         if self.mode == "never":
             await asyncio.sleep(max(0.0, deadline - time.monotonic()))
         reason = "connection refused"
-        await record(StepRecord("websocket 101", time.monotonic() - started, False, reason))
-        raise ProbeError(f"websocket 101: {reason}")
+        await record(StepRecord("vnc handshake", time.monotonic() - started, False, reason))
+        raise ProbeError(f"vnc handshake: {reason}")
 
 
 @contextlib.contextmanager

@@ -1,15 +1,16 @@
-"""A hostile guest's services: a fake websockify (RFB over WebSocket) and a fake agent
-(HTTP), each misbehaving in one chosen way. Standard library only, so the same file runs
-inside a real guest (as guest root, replacing websockify on 6080 or the agent on 8080) and
-on loopback in fast tests.
+"""A hostile guest's services: a fake VNC server (RFB over TCP, as x11vnc, or over WebSocket,
+as websockify) and a fake agent (HTTP), each misbehaving in one chosen way. Standard library
+only, so the same file runs inside a real guest (as guest root, replacing x11vnc on 5900 or
+the agent on 8080) and on loopback in fast tests.
 
-    python3 hostile.py MODE HOST PORT [SECONDS]
+    python3 hostile.py MODE HOST PORT [SECONDS] [tcp|ws]
 
-VNC modes (a WebSocket server speaking RFB 3.8 with VNC authentication, any password):
+VNC modes (RFB 3.8 with VNC authentication, any password; plain TCP unless "ws"):
     vnc-ok            a 64x32 screen, drawn in colours, answering every update request
     vnc-huge-screen   ServerInit claims 65535x65535 (a 16 GiB framebuffer)
     vnc-huge-name     ServerInit claims a 4 GiB desktop name, then sends name bytes
-    vnc-huge-message  a good ServerInit, then one 100 MB WebSocket message, sent in full
+    vnc-huge-message  a good ServerInit, then 100 MB at once (over ws: one message)
+    vnc-silent        a good ServerInit, then reads nothing (its socket buffers fill up)
     vnc-dribble       the RFB greeting one byte every SECONDS, forever
 Agent modes (HTTP/1.1 on every path):
     agent-huge        a 100 MB body (Content-Length), sent in full
@@ -45,8 +46,8 @@ class Gone(Exception):
     """The other side went away."""
 
 
-class WebSocket:
-    """The server side of RFC 6455, just enough for RFB: binary frames, pings answered."""
+class Plain:
+    """RFB straight on the TCP connection (as x11vnc serves it)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -60,6 +61,22 @@ class WebSocket:
                 raise Gone
             data += part
         return bytes(data)
+
+    def upgrade(self) -> None:
+        """Nothing to upgrade."""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read(self, n: int) -> bytes:
+        return self.recv_exactly(n)
+
+    def send_huge(self) -> None:
+        send_huge_body(self.sock)
+
+
+class WebSocket(Plain):
+    """The server side of RFC 6455, just enough for RFB: binary frames, pings answered."""
 
     def upgrade(self) -> None:
         head = b""
@@ -90,6 +107,11 @@ class WebSocket:
     def send(self, data: bytes, opcode: int = 2) -> None:
         self.sock.sendall(self.header(len(data), opcode) + data)
 
+    def send_huge(self) -> None:
+        """One WebSocket message of HUGE bytes, sent in full (unless the peer hangs up)."""
+        self.sock.sendall(WebSocket.header(HUGE))
+        send_huge_body(self.sock)
+
     def read(self, n: int) -> bytes:
         """``n`` bytes of the RFB stream, across messages."""
         while len(self.buffer) < n:
@@ -118,7 +140,7 @@ class WebSocket:
                 return payload
 
 
-def rfb_handshake(ws: WebSocket) -> None:
+def rfb_handshake(ws: Plain) -> None:
     """Version 3.8, VNC authentication (any answer passes), then the shared flag."""
     ws.send(b"RFB 003.008\n")
     ws.read(12)
@@ -135,7 +157,7 @@ def server_init(width: int, height: int, name: bytes, name_len: int | None = Non
     return struct.pack(">HH", width, height) + PIXEL_FORMAT + struct.pack(">I", length) + name
 
 
-def serve_screen(ws: WebSocket) -> None:
+def serve_screen(ws: Plain) -> None:
     """A 64x32 screen in stripes of colour, sent whole on every update request."""
     width, height = 64, 32
     ws.send(server_init(width, height, b"hostile:ok"))
@@ -163,14 +185,8 @@ def send_huge_body(sock: socket.socket) -> None:
     sock.sendall(CHUNK[: HUGE % len(CHUNK)])
 
 
-def send_huge(ws: WebSocket) -> None:
-    """One WebSocket message of HUGE bytes, sent in full (unless the peer hangs up)."""
-    ws.sock.sendall(WebSocket.header(HUGE))
-    send_huge_body(ws.sock)
-
-
-def vnc(mode: str, sock: socket.socket, seconds: float) -> None:
-    ws = WebSocket(sock)
+def vnc(mode: str, sock: socket.socket, seconds: float, transport: str = "tcp") -> None:
+    ws = WebSocket(sock) if transport == "ws" else Plain(sock)
     ws.upgrade()
     if mode == "vnc-dribble":
         while True:
@@ -188,7 +204,11 @@ def vnc(mode: str, sock: socket.socket, seconds: float) -> None:
             ws.send(CHUNK)
     elif mode == "vnc-huge-message":
         ws.send(server_init(64, 32, b"hostile"))
-        send_huge(ws)
+        ws.send_huge()
+    elif mode == "vnc-silent":
+        ws.send(server_init(64, 32, b"hostile"))
+        while True:
+            time.sleep(3600)
     while True:  # until the client goes: closing first could reset what it has not read
         ws.read(1)
 
@@ -243,8 +263,10 @@ class Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, mode: str, host: str, port: int, seconds: float) -> None:
-        self.mode, self.seconds = mode, seconds
+    def __init__(
+        self, mode: str, host: str, port: int, seconds: float, transport: str = "tcp"
+    ) -> None:
+        self.mode, self.seconds, self.transport = mode, seconds, transport
         super().__init__((host, port), Handler)
 
 
@@ -254,13 +276,16 @@ class Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         mode, seconds = self.server.mode, self.server.seconds
         with suppress(Gone, OSError):
-            (vnc if mode.startswith("vnc-") else agent)(mode, self.request, seconds)
+            if mode.startswith("vnc-"):
+                vnc(mode, self.request, seconds, self.server.transport)
+            else:
+                agent(mode, self.request, seconds)
 
 
 @contextmanager
-def running(mode: str, seconds: float = 2.0) -> Iterator[int]:
+def running(mode: str, seconds: float = 2.0, transport: str = "tcp") -> Iterator[int]:
     """The hostile server on loopback, in a thread; yields its port."""
-    server = Server(mode, "127.0.0.1", 0, seconds)
+    server = Server(mode, "127.0.0.1", 0, seconds, transport)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
@@ -272,4 +297,5 @@ def running(mode: str, seconds: float = 2.0) -> Iterator[int]:
 
 if __name__ == "__main__":
     mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    Server(mode, host, port, float(sys.argv[4]) if len(sys.argv) > 4 else 2.0).serve_forever()
+    seconds = float(sys.argv[4]) if len(sys.argv) > 4 else 2.0
+    Server(mode, host, port, seconds, sys.argv[5] if len(sys.argv) > 5 else "tcp").serve_forever()

@@ -150,8 +150,8 @@ async def test_credentials_the_guest_sends_that_do_not_pass_fail_the_session(
     [
         ("create", "allocate did not come up"),
         ("start", "boot did not come up"),
-        ("viewer-fails", "the viewer path did not come up: websocket 101"),
-        ("viewer-never", "the viewer path did not come up: websocket 101"),
+        ("viewer-fails", "the viewer path did not come up: vnc handshake"),
+        ("viewer-never", "the viewer path did not come up: vnc handshake"),
         ("login", "the login did not come up"),
     ],
 )
@@ -581,7 +581,7 @@ async def test_open_url_heartbeat_and_viewer_target(tmp_path: Path) -> None:
         assert c.agent.of(sid).opened == ["https://example.test/path?secret=1"]
         assert any(e.detail == "https://example.test" for e in await c.events(sid))
         target = c.service.viewer_target(row)
-        assert target.websocket_url.startswith("ws://127.0.0.1:")
+        assert target.vnc_url.startswith("vnc://127.0.0.1:")
         assert target.vnc_password == c.runtime.load(sid).secrets.vnc_password
         assert (await c.service.agent(row).health())["boot_id"] == sid
         assert (await c.service.heartbeat(sid)).last_activity_at >= row.last_activity_at

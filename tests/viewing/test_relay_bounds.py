@@ -1,8 +1,10 @@
 """The viewer proxy against hostile guests and viewers, on loopback: the real relay() served
-by a real uvicorn, in front of the hostile fake websockify of tests/sessions/hostile.py.
+by a real uvicorn, in front of the hostile fake VNC server of tests/sessions/hostile.py (RFB
+over TCP, as x11vnc serves it).
 
-A guest claiming a 16 GiB screen or a 4 GiB desktop name, or sending a 100 MB message, or
-dribbling its handshake, is cut off and the viewer told why (1011 and a reason); a viewer
+A guest claiming a 16 GiB screen or a 4 GiB desktop name, dribbling its handshake, or
+reading nothing more, is cut off and the viewer told why (1011 and a reason); a guest
+flooding 100 MB is relayed in bounded reads at the viewer's pace, never buffered; a viewer
 sending an oversized message is closed with 1009; and many viewers connecting at once never
 get past max_viewers.
 """
@@ -10,6 +12,7 @@ get past max_viewers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -25,7 +28,7 @@ from websockets.exceptions import ConnectionClosed
 
 from master_controller.viewing import relay as proxy
 from master_controller.viewing.close_codes import CloseCode
-from master_controller.viewing.guest_socket import MAX_GUEST_MESSAGE
+from master_controller.viewing.guest_socket import READ_SIZE
 from master_controller.viewing.relay import (
     MAX_VIEWER_MESSAGE,
     ViewerConnection,
@@ -58,12 +61,19 @@ async def served() -> AsyncIterator[Proxy]:
         await ws.accept(subprotocol="binary")
         viewer = ViewerConnection(ws, SESSION)
         await asyncio.sleep(0.01)  # viewer.py awaits the database here: others run meanwhile
-        guest = f"ws://127.0.0.1:{state.guest_port}/"
+        guest = f"vnc://127.0.0.1:{state.guest_port}"
         await relay(viewer, registry, guest, "guestpw", max_viewers=LIMIT)
 
     app = Starlette(routes=[WebSocketRoute("/websock", websock)])
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="off",
+            ws_per_message_deflate=False,  # as `serve` runs it
+        )
     )
     task = asyncio.create_task(server.serve())
     while not server.started:
@@ -144,19 +154,59 @@ async def test_a_lying_server_init_is_refused(served: Proxy, mode: str, words: s
     await released(served.registry)
 
 
-async def test_a_100mb_guest_message_is_refused_by_its_header(served: Proxy) -> None:
+async def test_a_100mb_flood_is_relayed_in_bounded_reads(served: Proxy) -> None:
+    """After ServerInit the guest sends 100 MB at once: the proxy passes it on in messages of
+    at most READ_SIZE, reading the next only when the viewer took the last, so the flood is
+    never held (the viewer reads 16 MiB of it, slowly, then leaves)."""
     tracemalloc.start()
     try:
         with hostile.running("vnc-huge-message") as served.guest_port:
-            async with viewer(served.url) as ws:
+            async with connect(
+                served.url,
+                subprotocols=["binary"],  # type: ignore[list-item]
+                proxy=None,
+                max_size=READ_SIZE,  # a bigger message fails the test with 1009
+                max_queue=1,
+            ) as ws:
                 await rfb_viewer(ws)
-                code, reason = await closed_with(ws)
+                received, largest = 0, 0
+                while received < 16 * 2**20:
+                    message = await ws.recv()
+                    received += len(message)
+                    largest = max(largest, len(message))
+                    await asyncio.sleep(0.001)  # a slow viewer
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert (code, reason) == proxy.GUEST_TOO_BIG
-    assert str(MAX_GUEST_MESSAGE) in reason
-    assert peak < 8 * MAX_GUEST_MESSAGE, f"{peak} bytes allocated while refusing it"
+    assert largest <= READ_SIZE
+    assert peak < 24 * READ_SIZE, f"{peak} bytes allocated while relaying it"
+    await released(served.registry)
+
+
+async def test_a_guest_that_reads_nothing_is_called_silent(
+    served: Proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guest stops reading after ServerInit; a viewer keeps pasting: once the guest's
+    socket is full and takes nothing for GUEST_SILENT_SECONDS, the viewer is told the guest
+    stopped answering (not left hanging with a frozen screen)."""
+    monkeypatch.setattr(proxy, "GUEST_SILENT_SECONDS", 1.0)
+    paste = b"\x06\x00\x00\x00" + struct.pack(">I", 200_000) + b"p" * 200_000
+
+    async def keep_pasting(ws: ClientConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await ws.send(paste)
+
+    with hostile.running("vnc-silent") as served.guest_port:
+        async with viewer(served.url) as ws:
+            await rfb_viewer(ws)
+            pasting = asyncio.create_task(keep_pasting(ws))
+            try:
+                code, reason = await closed_with(ws, timeout=30)
+            finally:
+                pasting.cancel()
+    assert (code, reason) == proxy.GUEST_SILENT
+    await released(served.registry)
 
 
 async def test_a_guest_dribbling_its_handshake_is_cut(

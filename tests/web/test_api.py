@@ -109,7 +109,7 @@ def test_session_lifecycle(ctl: Controller, integration_settings: Settings) -> N
     assert session["status"] == "ready", session
     steps = [e["name"] for e in session["events"] if e["kind"] == "step"]
     assert steps[:4] == ["allocate", "network", "disk layer", "boot"]
-    assert steps[-3:] == ["websocket 101", "vnc handshake", "first frame"]
+    assert steps[-2:] == ["vnc handshake", "first frame"]
     assert all(e["seconds"] is not None for e in session["events"] if e["kind"] == "step")
     assert session["browserIP"] and session["readyAt"]
 

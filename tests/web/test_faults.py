@@ -19,6 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from master_controller.runtimes.container import ContainerRuntime
 from master_controller.settings import Settings
+from master_controller.viewing.readiness import websocket_upgrade
 from tests.servers import Controller, controller, guest_health
 
 pytestmark = pytest.mark.integration
@@ -90,17 +91,38 @@ def test_a_stopped_service_is_named_and_a_crashed_one_comes_back(
     _in_guest(leader, "systemctl", "start", "x11vnc.service")
 
     # a crash (SIGKILL) is restarted by systemd (Restart=always)
-    before = _in_guest(leader, "systemctl", "show", "-p", "MainPID", "websockify.service")
-    _in_guest(leader, "systemctl", "kill", "-s", "KILL", "websockify.service")
     deadline = time.monotonic() + 20
+    while True:  # started again above: wait for it to run before killing it
+        before = _in_guest(leader, "systemctl", "show", "-p", "MainPID", "x11vnc.service")
+        if before.strip() != "MainPID=0":
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    _in_guest(leader, "systemctl", "kill", "-s", "KILL", "x11vnc.service")
     while True:
         health = guest_health(runtime, session_id)
-        after = _in_guest(leader, "systemctl", "show", "-p", "MainPID", "websockify.service")
+        after = _in_guest(leader, "systemctl", "show", "-p", "MainPID", "x11vnc.service")
         if health["status"] == "ok" and after != before and after.strip() != "MainPID=0":
             break
         assert time.monotonic() < deadline, health
         time.sleep(0.5)
     assert not ctl.frame(session_id).is_blank()  # the viewer path works again
+
+    # websockify (noVNC's bridge in the guest) costs nothing until used: it does not run,
+    # the health watches its socket and says ok; the first connection starts it
+    def websockify_state() -> str:
+        return _in_guest(leader, "systemctl", "show", "-p", "ActiveState", "websockify.service")
+
+    assert websockify_state().strip() == "ActiveState=inactive"
+    websockify = health["services"]["websockify"]  # type: ignore[index]
+    assert websockify["active"] == "active" and websockify["sub"] == "listening", websockify
+    address = runtime.endpoint(runtime.load(session_id)).address
+    assert asyncio.run(websocket_upgrade(address, 6080))["accept"]
+    assert websockify_state().strip() == "ActiveState=active"
+    # killed, it is started again by the next connection (the socket keeps listening)
+    _in_guest(leader, "systemctl", "kill", "-s", "KILL", "websockify.service")
+    assert asyncio.run(websocket_upgrade(address, 6080))["accept"]
+    assert guest_health(runtime, session_id)["status"] == "ok"
 
 
 async def _rfb_handshake(ws: ClientConnection) -> None:

@@ -120,7 +120,7 @@ async def test_a_sign_in_logs_json_lines_with_session_fields_and_no_secret(
         assert event["session_id"] == sid, event
         assert event["user_id"] == user, event
     steps = {e["step"] for e in session_events if "step" in e}
-    assert {"allocate", "boot", "websocket 101", "credentials stored"} <= steps, steps
+    assert {"allocate", "boot", "vnc handshake", "credentials stored"} <= steps, steps
     states = [e["state"] for e in session_events if "state" in e]
     assert states == ["provisioning", "booting", "ready", "authenticating", "captured"], states
 

@@ -36,13 +36,17 @@ REQUIRED_PACKAGES = (
 @dataclass(frozen=True)
 class UnitContract:
     name: str
-    executable: str
+    executable: str | None  # what ExecStart runs (None: a unit that runs nothing, a socket)
     required_args: tuple[str, ...] = ()
     one_of_args: tuple[str, ...] = ()  # at least one of these
     forbidden_args: tuple[str, ...] = ()
     environment: tuple[str, ...] = ()  # KEY=VALUE entries it must set
     after: tuple[str, ...] = ()  # units it must be ordered after
     ports: tuple[int, ...] = field(default=())  # listening ports the unit owns (documentation)
+    # "Section.Key=value" lines it must have, e.g. "Socket.Accept=no"
+    settings: tuple[str, ...] = ()
+    # the target it must be enabled in (None: started by something else, e.g. its socket)
+    enabled_in: str | None = "multi-user.target"
 
 
 BROWSER_UNITS = (
@@ -72,7 +76,9 @@ BROWSER_UNITS = (
             ":1",
             "-rfbport",
             str(VNC_PORT),
-            "-localhost",
+            # no reverse DNS of clients: the guest has no DNS, and the lookup of the host's
+            # address (the relay's) froze x11vnc for its resolver's timeout
+            "-nolookup",
             "-forever",
             "-shared",
             # no clipboard over VNC: nothing copied in the guest may reach a viewer
@@ -81,16 +87,28 @@ BROWSER_UNITS = (
             "-xrandr",
         ),
         one_of_args=("-rfbauth", "-passwdfile"),
-        forbidden_args=("-nopw",),
+        # it listens on the guest's address (the relay connects to it): never without its
+        # password, never handing a viewer the screen unasked
+        forbidden_args=("-nopw", "-viewonly"),
         after=("xvfb.service", "mc-config.service"),
         ports=(VNC_PORT,),
+    ),
+    # noVNC's bridge in the guest, started by its socket on the first connection: it costs
+    # nothing while unused (the controller's relay reaches x11vnc directly)
+    UnitContract(
+        "websockify.socket",
+        None,
+        settings=(f"Socket.ListenStream=0.0.0.0:{WEBSOCKIFY_PORT}", "Socket.Accept=no"),
+        ports=(WEBSOCKIFY_PORT,),
+        enabled_in="sockets.target",
     ),
     UnitContract(
         "websockify.service",
         "/usr/bin/websockify",
-        required_args=("--web", f"0.0.0.0:{WEBSOCKIFY_PORT}", f"127.0.0.1:{VNC_PORT}"),
+        required_args=("--inetd", "--web", f"127.0.0.1:{VNC_PORT}"),
         after=("x11vnc.service",),
-        ports=(WEBSOCKIFY_PORT,),
+        settings=("Service.StandardInput=socket",),
+        enabled_in=None,
     ),
     UnitContract(
         "chromium.service",

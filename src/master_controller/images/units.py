@@ -50,6 +50,14 @@ def unit_path(root: Path, name: str) -> Path | None:
     return None
 
 
-def is_enabled(root: Path, name: str, target: str = "multi-user.target") -> bool:
-    link = root / "etc/systemd/system" / f"{target}.wants" / name
-    return link.is_symlink() or link.is_file()
+def is_enabled(root: Path, name: str, target: str | None = None) -> bool:
+    """Whether ``name`` is enabled in ``target`` (None: in any target, as its [Install]
+    section chose: a service in multi-user.target, a socket in sockets.target)."""
+    folder = root / "etc/systemd/system"
+    if target:
+        wants = [folder / f"{target}.wants"]
+    else:  # not glob(): it drops links that point outside (absolute, into the guest's /)
+        wants = (
+            [d for d in folder.iterdir() if d.name.endswith(".wants")] if folder.is_dir() else []
+        )
+    return any((d / name).is_symlink() or (d / name).is_file() for d in wants)

@@ -4,11 +4,14 @@ host happens to be configured (a host with IP forwarding on, say, for other cont
 One table, ``inet master_controller``, replaced atomically:
 
 - forward: nothing is routed to or from a guest link (``mcv*``): guests cannot reach each
-  other or anything beyond the host through it;
+  other or anything beyond the host through it, and nothing beyond the host (another
+  container, a machine on its network) reaches a guest. So a guest's services on its
+  address (its VNC server, which the relay connects to; websockify; the agent) answer the
+  host alone;
 - input: a guest cannot open connections to the host, except to its own controller's egress
   proxy port: the set ``guest_egress`` holds (guest link, port) pairs, one per running guest,
   added when its link comes up and removed with it; replies to connections the host opened
-  (the controller reaching websockify and the agent) pass.
+  (the controller reaching the guest's VNC, websockify and agent) pass.
 
 The allowance lives and dies with the guest's link, so a port a controller once used (or a
 test's random one) never stays open to guests; controllers with different ports coexist.

@@ -37,7 +37,7 @@ from master_controller.errors import GuestNotFound, StorageFull
 from master_controller.runtimes.guestlog import log_reason
 from master_controller.settings import Settings
 from master_controller.steps import StepLog
-from mc_agent import AGENT_PORT, WEBSOCKIFY_PORT
+from mc_agent import AGENT_PORT, VNC_PORT, WEBSOCKIFY_PORT
 
 
 class GuestStatus(StrEnum):
@@ -104,14 +104,25 @@ class Endpoint:
     address: str
     websockify_port: int = WEBSOCKIFY_PORT
     agent_port: int = AGENT_PORT
+    vnc_port: int = VNC_PORT
+
+    @property
+    def vnc_url(self) -> str:
+        """The guest's VNC server (RFB over TCP): what the relay and readiness use."""
+        return f"vnc://{self._host}:{self.vnc_port}"
 
     @property
     def websocket_url(self) -> str:
-        return f"ws://{self.address}:{self.websockify_port}/"
+        """The guest's websockify (noVNC's path into the guest; image verification)."""
+        return f"ws://{self._host}:{self.websockify_port}/"
+
+    @property
+    def _host(self) -> str:
+        return f"[{self.address}]" if ":" in self.address else self.address
 
     @property
     def agent_url(self) -> str:
-        return f"http://{self.address}:{self.agent_port}"
+        return f"http://{self._host}:{self.agent_port}"
 
 
 @dataclass(frozen=True)

@@ -56,10 +56,10 @@ from master_controller.viewing.relay import ViewerRegistry
 
 @dataclass(frozen=True)
 class ViewerTarget:
-    """Where the relay reaches a session's screen: the guest's websockify and its VNC
-    password (which never leaves the controller)."""
+    """Where the relay reaches a session's screen: the guest's VNC server (``vnc://``, RFB
+    over TCP) and its password (which never leaves the controller)."""
 
-    websocket_url: str
+    vnc_url: str
     vnc_password: str
 
 
@@ -115,8 +115,8 @@ class SessionService:
     def viewer_target(self, row: SessionRow) -> ViewerTarget:
         """Where a viewer of a ready session is relayed to (raises MCError without one)."""
         guest = self.lifecycle.guest(row)
-        url = self.runtime.endpoint(guest).websocket_url
-        return ViewerTarget(websocket_url=url, vnc_password=guest.secrets.vnc_password)
+        url = self.runtime.endpoint(guest).vnc_url
+        return ViewerTarget(vnc_url=url, vnc_password=guest.secrets.vnc_password)
 
     def agent(self, row: SessionRow) -> GuestAgent:
         """The agent of a session's running guest."""

@@ -1,11 +1,12 @@
 """Checks of the real viewer path, made from outside the guest.
 
-A guest is ready when a viewer would see its screen: websockify answers a WebSocket upgrade
-with 101 and the right ``Sec-WebSocket-Accept``, an RFB 3.8 handshake with the guest's
-password succeeds, and the framebuffer is not blank. No sleeps: every check is polled with
-a deadline and a failure says what did not come up.
+A guest is ready when a viewer would see its screen: on the path the relay takes (TCP to
+the guest's VNC server), an RFB 3.8 handshake with the guest's password succeeds and the
+framebuffer is not blank. Image verification also asks the guest's websockify for a
+WebSocket upgrade (101 with the right ``Sec-WebSocket-Accept``). No sleeps: every check is
+polled with a deadline and a failure says what did not come up.
 
-What a guest answers is bounded: WebSocket messages (:data:`MAX_GUEST_MESSAGE`), RFB sizes
+What a guest answers is bounded: reads and WebSocket messages (``guest_socket``), RFB sizes
 (``rfb``), agent answers (``agent_client``), and each check's time (:func:`poll` cuts a
 check that is still running past its deadline, so a guest dribbling bytes cannot hold it).
 """
@@ -23,7 +24,7 @@ from master_controller.agent_client import request_json
 from master_controller.errors import GuestAgentError, ProbeError
 from master_controller.runtimes.base import GuestState, GuestStatus, Runtime
 from master_controller.steps import StepRecord, StepSink
-from master_controller.viewing.guest_socket import rfb_over_websocket
+from master_controller.viewing.guest_socket import rfb_connect
 from master_controller.viewing.rfb import Frame, ServerInfo
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -94,7 +95,8 @@ async def websocket_upgrade(
 async def rfb_handshake(
     url: str, password: str | None, headers: dict[str, str] | None = None
 ) -> ServerInfo:
-    async with rfb_over_websocket(url, password, headers=headers) as client:
+    """An RFB handshake at ``url`` (``vnc://`` or ``ws://``, see ``rfb_connect``)."""
+    async with rfb_connect(url, password, headers=headers) as client:
         assert client.info is not None
         return client.info
 
@@ -102,10 +104,11 @@ async def rfb_handshake(
 async def non_blank_frame(
     url: str, password: str | None, deadline: float, headers: dict[str, str] | None = None
 ) -> Frame:
-    """Fetch frames until one is not blank, or raise when the deadline passes. After the
-    first, only changes are asked for (a VM under emulation spends its CPU on its boot, not
-    on encoding whole screens four times a second)."""
-    async with rfb_over_websocket(url, password, headers=headers) as client:
+    """Fetch frames from ``url`` (``vnc://`` or ``ws://``) until one is not blank, or raise
+    when the deadline passes. After the first, only changes are asked for (a VM under
+    emulation spends its CPU on its boot, not on encoding whole screens four times a
+    second)."""
+    async with rfb_connect(url, password, headers=headers) as client:
         frame: Frame | None = None
         while True:
             frame = await client.frame(since=frame)
@@ -182,9 +185,9 @@ def guest_give_up(runtime: Runtime, guest: GuestState) -> Callable[[], Awaitable
 
 
 class ViewerPath:
-    """A guest's readiness, checked the way the relay reaches it: straight to the guest's
-    websockify (WebSocket 101 with the right accept value), an RFB handshake with the
-    guest's own password, and a non-blank frame. Each check is a step sent to ``record``
+    """A guest's readiness, checked the way the relay reaches it: TCP straight to the
+    guest's VNC server, an RFB handshake with the guest's own password, and a non-blank
+    frame. Each check is a step sent to ``record``
     with its duration; the first that does not pass by ``deadline`` raises ProbeError
     naming it. Being no viewer, it takes no viewer slot and counts in no viewer metric."""
 
@@ -193,10 +196,9 @@ class ViewerPath:
 
     async def __call__(self, guest: GuestState, deadline: float, record: StepSink) -> None:
         endpoint = self.runtime.endpoint(guest)
-        url, password = endpoint.websocket_url, guest.secrets.vnc_password
+        url, password = endpoint.vnc_url, guest.secrets.vnc_password
         give_up = guest_give_up(self.runtime, guest)
         checks: dict[str, Callable[[], Awaitable[object]]] = {
-            "websocket 101": lambda: websocket_upgrade(endpoint.address, endpoint.websockify_port),
             "vnc handshake": lambda: rfb_handshake(url, password),
             "first frame": lambda: non_blank_frame(url, password, deadline),
         }

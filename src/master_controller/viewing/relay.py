@@ -1,14 +1,19 @@
-"""The viewer WebSocket proxy: viewer <-> controller <-> the guest's websockify.
+"""The viewer WebSocket proxy: viewer --WebSocket--> controller --TCP--> the guest's VNC.
 
-The proxy authenticates to the guest's VNC server with the guest's password, sends its
+The proxy connects to the guest's VNC server (x11vnc on the guest's address; only the host
+reaches it, see ``network/firewall.py``), authenticates with the guest's password, sends its
 ClientInit (always shared) and checks the guest's ServerInit, then offers the viewer an RFB
 handshake without authentication (the viewer proved itself with its ticket), hands it the
-checked ServerInit and relays frames both ways as they arrive. Every way it can end closes
-the viewer's socket with a code and a reason (:class:`CloseCode`), never a bare drop.
+checked ServerInit and relays bytes both ways as they arrive: what one read from the guest
+returns (up to ``READ_SIZE``) becomes one WebSocket message to the viewer, nothing is parsed
+or framed twice. Every way it can end closes the viewer's socket with a code and a reason
+(:class:`CloseCode`), never a bare drop.
 
-The guest is hostile by assumption: its messages, its ServerInit and its handshake time are
-bounded, and a viewer slot is taken atomically (no await between the count and the
-registration), so concurrent connects cannot exceed the limit.
+The guest is hostile by assumption: its ServerInit and its handshake time are bounded, each
+read from it is bounded and flow-controlled by the viewer's pace (the relay reads the next
+only once the last was sent), a guest gone silent is noticed by TCP keepalive and a user
+timeout (``guest_socket``), and a viewer slot is taken atomically (no await between the
+count and the registration), so concurrent connects cannot exceed the limit.
 """
 
 from __future__ import annotations
@@ -20,18 +25,11 @@ from dataclasses import dataclass, field
 
 from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from master_controller.errors import ProbeError
 from master_controller.metrics import PROXY_BYTES, PROXY_CONNECTIONS, PROXY_CONNECTIONS_TOTAL
 from master_controller.viewing.close_codes import CloseCode
-from master_controller.viewing.guest_socket import (
-    GUEST_CLOSE_SECONDS,
-    MAX_GUEST_MESSAGE,
-    MAX_GUEST_QUEUE,
-    WebSocketStream,
-)
+from master_controller.viewing.guest_socket import SILENT_SECONDS, GuestSilent, TCPStream, open_vnc
 from master_controller.viewing.rfb import (
     RFBClient,
     ServerInit,
@@ -45,22 +43,18 @@ GUEST_SILENT = (
     CloseCode.GUEST_FAILED,
     "the guest stopped answering (network cut, or guest frozen)",
 )
-GUEST_TOO_BIG = (
-    CloseCode.GUEST_FAILED,
-    f"the guest's VNC sent a message over {MAX_GUEST_MESSAGE} bytes",
-)
 # noVNC's own messages (keys, pointer, update requests) are a few bytes; the largest is a
 # clipboard paste (ClientCutText). 256 KiB of pasted text is plenty.
 MAX_VIEWER_MESSAGE = 256 * 1024
 VIEWER_TOO_BIG = (CloseCode.MESSAGE_TOO_BIG, f"a viewer message over {MAX_VIEWER_MESSAGE} bytes")
-GUEST_PING_SECONDS = 5.0
 HANDSHAKE_SECONDS = 30.0  # a viewer must finish its RFB handshake within this
 GUEST_HANDSHAKE_SECONDS = 15.0  # and the guest its side, through to ServerInit
+# a guest that takes none of a viewer's bytes for this long is silent (as TCP's own timeout)
+GUEST_SILENT_SECONDS = float(SILENT_SECONDS)
 # how the relay ended on the guest's side -> what the viewer is told
 GUEST_ENDINGS = {
     "guest": GUEST_CLOSED,
     "guest-silent": GUEST_SILENT,
-    "guest-too-big": GUEST_TOO_BIG,
 }
 
 
@@ -158,10 +152,10 @@ async def relay(
     password: str,
     max_viewers: int | None = None,
 ) -> None:
-    """Connect ``viewer`` (accepted already) to the guest and relay until either side ends.
-    With ``max_viewers``, the viewer is refused (4429) when its session has that many
-    already; the slot is taken before anything else happens, so the limit holds however
-    many viewers connect at once."""
+    """Connect ``viewer`` (accepted already) to the guest's VNC server at ``guest_url``
+    (``vnc://host:port``) and relay until either side ends. With ``max_viewers``, the
+    viewer is refused (4429) when its session has that many already; the slot is taken
+    before anything else happens, so the limit holds however many viewers connect at once."""
     ws = viewer.ws
     # no await before this: the check and the registration are one step
     if not registry.reserve(viewer, max_viewers):
@@ -171,77 +165,63 @@ async def relay(
         )
         return
     PROXY_CONNECTIONS.inc()
+    guest: TCPStream | None = None
     try:
         try:
-            upstream = await connect(
-                guest_url,
-                subprotocols=["binary"],  # type: ignore[list-item]
-                proxy=None,
-                open_timeout=10,
-                max_size=MAX_GUEST_MESSAGE,
-                max_queue=MAX_GUEST_QUEUE,
-                compression=None,  # websockify never compresses; no inflating a guest's bomb
-                close_timeout=GUEST_CLOSE_SECONDS,
-                ping_interval=None,  # our own keepalive (_pump) says when the guest went silent
-            )
-        except (OSError, TimeoutError, WebSocketException):
+            guest = await open_vnc(guest_url, timeout=GUEST_SILENT_SECONDS)
+        except ProbeError:
             PROXY_CONNECTIONS_TOTAL.labels("guest_unreachable").inc()
             await viewer.close(*GUEST_UNREACHABLE)
             return
-        async with upstream:
-            guest = WebSocketStream(upstream, timeout=10)
-            try:
-                init = await _guest_handshake(guest, password)
-            except ProbeError as exc:
-                PROXY_CONNECTIONS_TOTAL.labels("handshake_failed").inc()
-                await viewer.close(
-                    CloseCode.GUEST_FAILED, f"VNC handshake failed: {exc.reason}"[:120]
-                )
-                return
-            viewer_stream = ViewerStream(ws)
-            try:
-                async with asyncio.timeout(HANDSHAKE_SECONDS):
-                    await accept_without_auth(viewer_stream)
-                    await viewer_stream.read_exactly(1)  # ClientInit: the guest's went already
-            except TimeoutError:
-                PROXY_CONNECTIONS_TOTAL.labels("handshake_failed").inc()
-                await viewer.close(
-                    CloseCode.VIEWER_PROTOCOL, "the viewer did not finish the VNC handshake in time"
-                )
-                return
-            except ViewerMessageTooBig:
-                PROXY_CONNECTIONS_TOTAL.labels("viewer_too_big").inc()
-                await viewer.close(*VIEWER_TOO_BIG)
-                return
-            except ProbeError as exc:
-                PROXY_CONNECTIONS_TOTAL.labels("handshake_failed").inc()
-                await viewer.close(
-                    CloseCode.VIEWER_PROTOCOL, f"VNC handshake failed: {exc.reason}"[:120]
-                )
-                return
-            except WebSocketDisconnect:
-                return
-            PROXY_CONNECTIONS_TOTAL.labels("relaying").inc()
-            await ws.send_bytes(init.encode())
-            # bytes read past the handshake on either side go first
-            if viewer_stream.buffer:
-                await upstream.send(bytes(viewer_stream.buffer))
-            if guest.buffer:
-                await ws.send_bytes(bytes(guest.buffer))
-            ended = await _pump(ws, upstream)
-            if viewer.closing is None and ended in GUEST_ENDINGS:
-                if ended != "guest":
-                    PROXY_CONNECTIONS_TOTAL.labels(ended.replace("-", "_")).inc()
-                await viewer.close(*GUEST_ENDINGS[ended])
-            elif ended == "viewer-too-big":
-                PROXY_CONNECTIONS_TOTAL.labels("viewer_too_big").inc()
-                await viewer.close(*VIEWER_TOO_BIG)
+        try:
+            init = await _guest_handshake(guest, password)
+        except ProbeError as exc:
+            PROXY_CONNECTIONS_TOTAL.labels("handshake_failed").inc()
+            await viewer.close(CloseCode.GUEST_FAILED, f"VNC handshake failed: {exc.reason}"[:120])
+            return
+        viewer_stream = ViewerStream(ws)
+        try:
+            async with asyncio.timeout(HANDSHAKE_SECONDS):
+                await accept_without_auth(viewer_stream)
+                await viewer_stream.read_exactly(1)  # ClientInit: the guest's went already
+        except TimeoutError:
+            PROXY_CONNECTIONS_TOTAL.labels("handshake_failed").inc()
+            await viewer.close(
+                CloseCode.VIEWER_PROTOCOL, "the viewer did not finish the VNC handshake in time"
+            )
+            return
+        except ViewerMessageTooBig:
+            PROXY_CONNECTIONS_TOTAL.labels("viewer_too_big").inc()
+            await viewer.close(*VIEWER_TOO_BIG)
+            return
+        except ProbeError as exc:
+            PROXY_CONNECTIONS_TOTAL.labels("handshake_failed").inc()
+            await viewer.close(
+                CloseCode.VIEWER_PROTOCOL, f"VNC handshake failed: {exc.reason}"[:120]
+            )
+            return
+        except WebSocketDisconnect:
+            return
+        PROXY_CONNECTIONS_TOTAL.labels("relaying").inc()
+        await ws.send_bytes(init.encode())
+        # what the viewer sent past its handshake goes first (what the guest sent past
+        # ServerInit waits in the stream's buffer: the pump's first read returns it)
+        ended = await _pump(ws, guest, bytes(viewer_stream.buffer))
+        if viewer.closing is None and ended in GUEST_ENDINGS:
+            if ended != "guest":
+                PROXY_CONNECTIONS_TOTAL.labels(ended.replace("-", "_")).inc()
+            await viewer.close(*GUEST_ENDINGS[ended])
+        elif ended == "viewer-too-big":
+            PROXY_CONNECTIONS_TOTAL.labels("viewer_too_big").inc()
+            await viewer.close(*VIEWER_TOO_BIG)
     finally:
         PROXY_CONNECTIONS.dec()
         registry.release(viewer)
+        if guest is not None:
+            await guest.close()
 
 
-async def _guest_handshake(guest: WebSocketStream, password: str) -> ServerInit:
+async def _guest_handshake(guest: TCPStream, password: str) -> ServerInit:
     """Our side of the guest's handshake, through ServerInit: authenticate with the guest's
     password, ClientInit (shared: a viewer never disconnects the others), and a ServerInit
     within the bounds of ``rfb``, all within GUEST_HANDSHAKE_SECONDS."""
@@ -256,11 +236,24 @@ async def _guest_handshake(guest: WebSocketStream, password: str) -> ServerInit:
         ) from exc
 
 
-async def _pump(ws: WebSocket, upstream: ClientConnection) -> str:
-    """Relay both ways as frames arrive; returns which side ended first."""
+def _guest_ending(exc: ProbeError) -> str:
+    return "guest-silent" if isinstance(exc, GuestSilent) else "guest"
+
+
+async def _pump(ws: WebSocket, guest: TCPStream, first: bytes) -> str:
+    """Relay both ways as bytes arrive; returns which side ended first."""
+    to_guest = PROXY_BYTES.labels("to_guest")
+    to_viewer = PROXY_BYTES.labels("to_viewer")
 
     async def viewer_to_guest() -> str:
+        data = first
         while True:
+            if data:
+                to_guest.inc(len(data))
+                try:
+                    await guest.write(data)
+                except ProbeError as exc:
+                    return _guest_ending(exc)
             message = await ws.receive()
             if message["type"] == "websocket.disconnect":
                 return "viewer"
@@ -268,46 +261,23 @@ async def _pump(ws: WebSocket, upstream: ClientConnection) -> str:
                 data = viewer_bytes(message)
             except ViewerMessageTooBig:
                 return "viewer-too-big"
-            PROXY_BYTES.labels("to_guest").inc(len(data))
-            try:
-                await upstream.send(data)
-            except WebSocketException:
-                return "guest"
 
     async def guest_to_viewer() -> str:
-        try:
-            async for message in upstream:
-                data = message if isinstance(message, bytes) else message.encode()
-                PROXY_BYTES.labels("to_viewer").inc(len(data))
-                await ws.send_bytes(data)
-        except ConnectionClosed as exc:
-            if exc.sent is not None and exc.sent.code == CloseCode.MESSAGE_TOO_BIG:
-                return "guest-too-big"  # refused by max_size before it was read
-        except WebSocketException:
-            pass
-        except (RuntimeError, OSError):  # the viewer went away while we were sending
-            return "viewer"
-        return "guest"
-
-    async def guest_keepalive() -> str:
-        """A guest on this host answers a ping at once: one unanswered for
-        GUEST_PING_SECONDS means a cut network or a frozen guest, and the viewer is told
-        rather than left looking at a still screen."""
         while True:
-            await asyncio.sleep(GUEST_PING_SECONDS)
             try:
-                pong = await upstream.ping()
-                async with asyncio.timeout(GUEST_PING_SECONDS):
-                    await pong
-            except TimeoutError:
-                return "guest-silent"
-            except (WebSocketException, RuntimeError):  # closed: the guest's side ended
+                data = await guest.read_some()
+            except ProbeError as exc:
+                return _guest_ending(exc)
+            if not data:
                 return "guest"
+            to_viewer.inc(len(data))
+            # the next read waits for this send: a slow viewer slows the guest's socket
+            # (its buffers fill, x11vnc waits), nothing piles up here
+            await ws.send_bytes(data)
 
     tasks = [
         asyncio.create_task(viewer_to_guest()),
         asyncio.create_task(guest_to_viewer()),
-        asyncio.create_task(guest_keepalive()),
     ]
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     for task in pending:
@@ -315,8 +285,11 @@ async def _pump(ws: WebSocket, upstream: ClientConnection) -> str:
     for task in pending:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
-    first = done.pop()
-    try:
-        return first.result()
-    except (WebSocketDisconnect, RuntimeError, OSError):
-        return "viewer"
+    endings = []
+    for task in done:  # both may have ended at once: every result is retrieved
+        try:
+            endings.append(task.result())
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            endings.append("viewer")
+    # a viewer that went away hears nothing more; otherwise say what happened
+    return next((e for e in endings if e != "viewer"), "viewer")

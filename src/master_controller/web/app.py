@@ -120,7 +120,7 @@ def create_app(
     viewer_path: ViewerPathCheck | None = None,
 ) -> FastAPI:
     """The app. ``runtime`` defaults to the setting (``auto``: the best this host can run),
-    ``viewer_path`` (how a guest is found ready) to the real path through its websockify.
+    ``viewer_path`` (how a guest is found ready) to the real path the relay takes (its VNC).
     While it runs (its lifespan) the process umask is 077; the one before is restored."""
 
     @asynccontextmanager

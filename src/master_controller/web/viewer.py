@@ -266,7 +266,7 @@ async def viewer_socket(session_id: str, websocket: WebSocket) -> None:
         await relay(
             viewer,
             svc.viewers,
-            target.websocket_url,
+            target.vnc_url,
             target.vnc_password,
             max_viewers=svc.settings.max_viewers,
         )
